@@ -6,6 +6,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_messages import WIRE_REQUEST_BASTION, WIRE_REQUEST_LOCAL, WIRE_REQUEST_WEB
 
 from norouter_trio.manifest import (
@@ -407,3 +410,36 @@ def test_manifest_error_is_a_value_error() -> None:
 def test_unsafe_yaml_tags_are_refused() -> None:
     with pytest.raises(ManifestError, match="not valid YAML"):
         load_manifest("hosts: !!python/object/apply:os.system ['true']\n")
+
+
+def test_readme_manifest_example_is_valid() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
+    m = load_manifest(block)
+    assert [h.is_local for h in m.hosts.values()] == [True, False, False]
+
+
+_yaml_scalars = (st.none() | st.booleans() | st.integers(-70000, 70000) | st.floats()
+                 | st.text(max_size=10)
+                 | st.sampled_from(["10.0.0.1", "10.0.0.2", "80:h:80", "10.0.0.0/8", "*.x",
+                                    "ssh a", "127.0.0.1:80", "web", "db"]))
+_yaml_keys = st.sampled_from([
+    "hostTemplate", "hosts", "routes", "vip", "cmd", "ports", "http", "socks", "loopback",
+    "stateDir", "aliases", "writeEtcHosts", "bootstrap", "listen", "disable", "pathOnAgent",
+    "via", "to", "web", "db"]) | st.text(max_size=5)
+_yaml_docs = st.recursive(
+    _yaml_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_yaml_keys, inner, max_size=5),
+    max_leaves=25)
+
+
+@given(st.text(max_size=200) | _yaml_docs.map(yaml.safe_dump))
+@settings(suppress_health_check=[HealthCheck.too_slow])
+def test_any_input_gives_a_manifest_or_a_manifest_error(text: str) -> None:
+    try:
+        m = load_manifest(text + "\n")  # a newline: always YAML text, never a path
+    except ManifestError as e:
+        assert e.errors and all(isinstance(x, str) and x for x in e.errors)
+        return
+    for name in m.hosts:
+        encode_message(Request(1, OP_CONFIGURE, configure_args(m, name)))
