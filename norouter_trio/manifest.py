@@ -34,7 +34,7 @@ import ipaddress
 import os
 import re
 import shlex
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -308,7 +308,7 @@ class _Parser:
             if host is not None:
                 hosts[name] = host
         self.check_unique(hosts)
-        routes = self.routes(doc.get("routes"), hosts)
+        routes = self.routes(doc.get("routes"), hosts, list(raw_hosts))
         if self.errors:
             raise self.fail()
         return Manifest(hosts=hosts, routes=routes, source=self.source)
@@ -591,7 +591,9 @@ class _Parser:
 
     # -- routes ---------------------------------------------------------------------
 
-    def routes(self, raw: Any, hosts: dict[str, HostSpec]) -> list[RouteSpec]:
+    def routes(self, raw: Any, hosts: dict[str, HostSpec], names: Iterable[Any]
+               ) -> list[RouteSpec]:
+        """``names``: every host name written, including hosts already found invalid."""
         if raw is None:
             return []
         if not isinstance(raw, list):
@@ -607,8 +609,13 @@ class _Parser:
             for key in _ROUTE_KEYS:
                 if key not in sub:
                     self.err(path, f"missing {key}")
-            via = self.route_via(sub["via"], f"{path}.via", hosts, by_vip) \
-                if "via" in sub else None
+            via = None
+            if "via" in sub:
+                v = sub["via"]
+                if isinstance(v, str) and v in names and v not in hosts:
+                    pass  # the via host is invalid: its errors are reported already
+                else:
+                    via = self.route_via(v, f"{path}.via", hosts, by_vip)
             to = self.route_to(sub["to"], f"{path}.to") if "to" in sub else None
             if via is not None and to is not None:
                 routes.append(RouteSpec(via=via[0], via_host=via[1], to_cidr=to[0],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -443,3 +444,31 @@ def test_any_input_gives_a_manifest_or_a_manifest_error(text: str) -> None:
         return
     for name in m.hosts:
         encode_message(Request(1, OP_CONFIGURE, configure_args(m, name)))
+
+
+def test_route_via_an_invalid_host_reports_only_the_host() -> None:
+    with pytest.raises(ManifestError) as info:
+        load_manifest("hosts:\n  a: {vip: x}\n  b: {vip: 10.0.0.1}\n"
+                      "routes: [{via: a, to: ['10.0.0.0/8']}, {via: [1], to: ['*.x']}]\n")
+    assert info.value.errors == ['hosts.a.vip: "x" is not an IPv4 address',
+                                 "routes[1].via: expected a host name or a VIP, got a list [1]"]
+
+
+_host_names = st.sampled_from(["web", "db", "a"])
+_shaped_docs = st.fixed_dictionaries({
+    "hosts": st.dictionaries(_host_names | _yaml_scalars,
+                             st.dictionaries(_yaml_keys, _yaml_docs, max_size=6)
+                             | _yaml_docs, max_size=3),
+}, optional={
+    "hostTemplate": st.dictionaries(_yaml_keys, _yaml_docs, max_size=4),
+    "routes": st.lists(st.dictionaries(st.sampled_from(["via", "to", "x"]),
+                                       _yaml_docs | st.lists(_yaml_scalars, max_size=3)),
+                       max_size=3),
+})
+
+
+@given(_shaped_docs)
+@settings(suppress_health_check=[HealthCheck.too_slow])
+def test_manifest_shaped_input_gives_a_manifest_or_a_manifest_error(doc: Any) -> None:
+    test_any_input_gives_a_manifest_or_a_manifest_error.hypothesis.inner_test(  # type: ignore[attr-defined]
+        yaml.safe_dump(doc))

@@ -6,7 +6,11 @@ strips the IPv4 header (addresses travel beside the segment, not inside it).
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
+from socket import inet_aton, inet_ntoa
+
+from norouter_trio.tcp.checksum import checksum, combine, ones_sum
 
 # TCP header flags (RFC 9293 §3.1).
 FIN = 0x01
@@ -40,3 +44,264 @@ class Segment:
     sack_blocks: tuple[tuple[int, int], ...] = ()
     ts_val: int | None = None
     ts_ecr: int | None = None
+
+
+IPPROTO_ICMP = 1
+IPPROTO_TCP = 6
+IPV4_HEADER_LEN = 20
+TCP_HEADER_LEN = 20
+MAX_TCP_OPTIONS = 40
+MAX_IPV4_PAYLOAD = 65535 - IPV4_HEADER_LEN
+
+_IPV4 = struct.Struct("!BBHHHBBH4s4s")
+_TCP = struct.Struct("!HHIIBBHHH")
+_OPT_MSS = struct.Struct("!BBH")
+_OPT_TS = struct.Struct("!BBBBII")
+_OPT_WS = struct.Struct("!BBBB")
+_SACK_BLOCK = struct.Struct("!II")
+_SACKOK_TS_PREFIX = (4, 2)  # SACK-permitted fills the two bytes before a timestamp option
+_NOP_NOP = (1, 1)
+_IP_DF = 0x4000
+_IP_MF = 0x2000
+_IP_OFFSET_MASK = 0x1FFF
+
+Buffer = bytes | bytearray | memoryview
+
+
+class PacketError(ValueError):
+    """A packet we cannot use; `reason` is the drop-counter key (e.g. "truncated")."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class IPv4Packet:
+    """An IPv4 header's useful fields; `payload` (a view into the packet) excludes IP
+    options and link padding."""
+
+    src: str
+    dst: str
+    protocol: int
+    ttl: int
+    ident: int
+    header: bytes
+    payload: memoryview
+
+
+def parse_ipv4(packet: Buffer, *, verify_checksum: bool = True) -> IPv4Packet:
+    """Parse an IPv4 packet; options are skipped, fragments refused (we never fragment).
+
+    Raises only `PacketError` (reasons: truncated, not_ipv4, bad_header, bad_checksum,
+    fragment).
+    """
+    n = len(packet)
+    if n < IPV4_HEADER_LEN:
+        raise PacketError("truncated", f"IPv4 packet of {n} bytes is shorter than a header")
+    vihl = packet[0]
+    if vihl >> 4 != 4:
+        raise PacketError("not_ipv4", f"IP version {vihl >> 4}")
+    hlen = (vihl & 0x0F) * 4
+    if hlen < IPV4_HEADER_LEN:
+        raise PacketError("bad_header", f"IPv4 header length {hlen} < 20")
+    total = (packet[2] << 8) | packet[3]
+    if total < hlen:
+        raise PacketError("bad_header", f"IPv4 total length {total} < header length {hlen}")
+    if total > n:
+        raise PacketError("truncated", f"IPv4 total length {total} > {n} bytes received")
+    header = bytes(packet[:hlen])
+    if verify_checksum and ones_sum(header) != 0xFFFF:
+        raise PacketError("bad_checksum", "IPv4 header checksum")
+    _, _, _, ident, frag, ttl, proto, _, src, dst = _IPV4.unpack_from(header)
+    if frag & (_IP_MF | _IP_OFFSET_MASK):
+        raise PacketError("fragment", f"IPv4 fragment (flags/offset 0x{frag:04x})")
+    return IPv4Packet(
+        inet_ntoa(src),
+        inet_ntoa(dst),
+        proto,
+        ttl,
+        ident,
+        header,
+        memoryview(packet)[hlen:total],  # no copy: parse_tcp copies the payload once
+    )
+
+
+def build_ipv4_header(
+    src: bytes, dst: bytes, protocol: int, payload_len: int, ident: int = 0, ttl: int = 64
+) -> bytes:
+    """A 20-byte IPv4 header (DF set, so `ident` may be anything; RFC 6864)."""
+    total = IPV4_HEADER_LEN + payload_len
+    hdr = _IPV4.pack(0x45, 0, total, ident & 0xFFFF, _IP_DF, ttl, protocol, 0, src, dst)
+    return _IPV4.pack(
+        0x45, 0, total, ident & 0xFFFF, _IP_DF, ttl, protocol, checksum(hdr), src, dst
+    )
+
+
+def encode_options(seg: Segment) -> bytes:
+    """TCP options in Linux's order, padded to 4 bytes; SACK blocks are cut to fit 40."""
+    if (
+        seg.mss is None
+        and seg.ts_val is None
+        and seg.wscale is None
+        and not seg.sack_permitted
+        and not seg.sack_blocks
+    ):
+        return b""
+    parts: list[bytes] = []
+    if seg.mss is not None:
+        parts.append(_OPT_MSS.pack(2, 4, seg.mss & 0xFFFF))
+    if seg.ts_val is not None:
+        a, b = _SACKOK_TS_PREFIX if seg.sack_permitted else _NOP_NOP
+        parts.append(
+            _OPT_TS.pack(a, b, 8, 10, seg.ts_val & 0xFFFFFFFF, (seg.ts_ecr or 0) & 0xFFFFFFFF)
+        )
+    elif seg.sack_permitted:
+        parts.append(b"\x01\x01\x04\x02")
+    if seg.wscale is not None:
+        parts.append(_OPT_WS.pack(1, 3, 3, seg.wscale))
+    if seg.sack_blocks:
+        room = MAX_TCP_OPTIONS - sum(len(p) for p in parts)
+        count = min(len(seg.sack_blocks), (room - 4) // 8)
+        if count > 0:
+            blocks = seg.sack_blocks[:count]
+            parts.append(
+                bytes((1, 1, 5, 2 + 8 * count))
+                + b"".join(
+                    _SACK_BLOCK.pack(left & 0xFFFFFFFF, right & 0xFFFFFFFF)
+                    for left, right in blocks
+                )
+            )
+    return b"".join(parts)
+
+
+def _parse_options(data: Buffer, start: int, end: int, seg: Segment) -> None:
+    i = start
+    while i < end:
+        kind = data[i]
+        if kind == 0:
+            return
+        if kind == 1:
+            i += 1
+            continue
+        if i + 1 >= end:
+            raise PacketError("bad_options", f"TCP option {kind} has no length byte")
+        length = data[i + 1]
+        if length < 2 or i + length > end:
+            raise PacketError(
+                "bad_options", f"TCP option {kind} length {length} runs past the header"
+            )
+        if kind == 2:
+            if length != 4:
+                raise PacketError("bad_options", f"MSS option length {length}")
+            seg.mss = (data[i + 2] << 8) | data[i + 3]
+        elif kind == 3:
+            if length != 3:
+                raise PacketError("bad_options", f"window scale option length {length}")
+            seg.wscale = data[i + 2]
+        elif kind == 4:
+            if length != 2:
+                raise PacketError("bad_options", f"SACK-permitted option length {length}")
+            seg.sack_permitted = True
+        elif kind == 5:
+            if (length - 2) % 8 or length == 2:
+                raise PacketError("bad_options", f"SACK option length {length}")
+            seg.sack_blocks = tuple(
+                _SACK_BLOCK.unpack_from(data, j) for j in range(i + 2, i + length, 8)
+            )
+        elif kind == 8:
+            if length != 10:
+                raise PacketError("bad_options", f"timestamp option length {length}")
+            seg.ts_val, seg.ts_ecr = _SACK_BLOCK.unpack_from(data, i + 2)
+        i += length
+
+
+def pseudo_header_sum(src: bytes, dst: bytes, tcp_length: int) -> int:
+    """Partial sum of the TCP pseudo-header (RFC 9293 §3.1) for `combine`."""
+    return combine(ones_sum(src + dst), IPPROTO_TCP + tcp_length)
+
+
+def parse_tcp(data: Buffer, *, pseudo_sum: int | None = None) -> Segment:
+    """Parse a TCP segment; verify its checksum when `pseudo_sum` is given.
+
+    Raises only `PacketError` (reasons: truncated, bad_offset, bad_options, bad_checksum).
+    """
+    n = len(data)
+    if n < TCP_HEADER_LEN:
+        raise PacketError("truncated", f"TCP segment of {n} bytes is shorter than a header")
+    sport, dport, seq, ack, off, flags, window, _, _ = _TCP.unpack_from(data)
+    hlen = (off >> 4) * 4
+    if hlen < TCP_HEADER_LEN or hlen > n:
+        raise PacketError("bad_offset", f"TCP data offset {hlen} bytes in a {n}-byte segment")
+    if pseudo_sum is not None and combine(pseudo_sum, ones_sum(data)) != 0xFFFF:
+        raise PacketError("bad_checksum", f"TCP checksum (port {sport} -> {dport})")
+    seg = Segment(sport, dport, seq, ack, flags, window, bytes(data[hlen:]) if n > hlen else b"")
+    if hlen > TCP_HEADER_LEN:
+        _parse_options(data, TCP_HEADER_LEN, hlen, seg)
+    return seg
+
+
+def build_tcp(src: bytes, dst: bytes, seg: Segment) -> tuple[bytes, bytes | memoryview]:
+    """TCP header (with checksum) and the payload, to be joined behind an IPv4 header.
+
+    The payload is summed once here and never copied until the final join.
+    """
+    opts = encode_options(seg)
+    hlen = TCP_HEADER_LEN + len(opts)
+    payload = seg.payload
+    tcp_len = hlen + len(payload)
+    head = _TCP.pack(
+        seg.src_port,
+        seg.dst_port,
+        seg.seq & 0xFFFFFFFF,
+        seg.ack & 0xFFFFFFFF,
+        (hlen >> 2) << 4,
+        seg.flags & 0xFF,
+        seg.window & 0xFFFF,
+        0,
+        0,
+    )
+    if opts:
+        head += opts
+    s = combine(ones_sum(src + dst + head), IPPROTO_TCP + tcp_len)
+    if payload:
+        s = combine(s, ones_sum(payload))
+    ck = ~s & 0xFFFF
+    return head[:16] + bytes((ck >> 8, ck & 0xFF)) + head[18:], payload
+
+
+def build_packet(src: bytes, dst: bytes, seg: Segment, ident: int = 0, ttl: int = 64) -> bytes:
+    """A whole IPv4 packet carrying `seg`; addresses are 4-byte packed (`inet_aton`)."""
+    head, payload = build_tcp(src, dst, seg)
+    if len(head) + len(payload) > MAX_IPV4_PAYLOAD:
+        raise ValueError(
+            f"TCP segment of {len(head) + len(payload)} bytes (port "
+            f"{seg.src_port} -> {seg.dst_port}) does not fit one IPv4 packet"
+        )
+    ip = build_ipv4_header(src, dst, IPPROTO_TCP, len(head) + len(payload), ident, ttl)
+    return b"".join((ip, head, payload))
+
+
+def parse_packet(packet: Buffer, *, verify_checksums: bool = True) -> tuple[IPv4Packet, Segment]:
+    """Parse an IPv4+TCP packet; non-TCP raises `PacketError("not_tcp")`."""
+    ip = parse_ipv4(packet, verify_checksum=verify_checksums)
+    if ip.protocol != IPPROTO_TCP:
+        raise PacketError("not_tcp", f"IP protocol {ip.protocol}")
+    pseudo = None
+    if verify_checksums:
+        pseudo = combine(ones_sum(ip.header[12:20]), IPPROTO_TCP + len(ip.payload))
+    return ip, parse_tcp(ip.payload, pseudo_sum=pseudo)
+
+
+def icmp_echo_reply(ip: IPv4Packet, ident: int = 0) -> bytes | None:
+    """The echo reply for an ICMP echo request (so `ping VIP` works), else None."""
+    msg = ip.payload
+    if ip.protocol != IPPROTO_ICMP or len(msg) < 8 or msg[0] != 8 or msg[1] != 0:
+        return None
+    if ones_sum(msg) != 0xFFFF:
+        return None
+    body = b"\x00\x00\x00\x00" + msg[4:]
+    ck = checksum(body)
+    reply = bytes((0, 0, ck >> 8, ck & 0xFF)) + msg[4:]
+    src, dst = inet_aton(ip.dst), inet_aton(ip.src)
+    return build_ipv4_header(src, dst, IPPROTO_ICMP, len(reply), ident) + reply

@@ -1,0 +1,358 @@
+"""End-to-end benchmark: client -> agent -> manager -> agent -> server, beside a direct
+loopback connection to the same server in the same run.
+
+    python bench/e2e_bench.py [--quick] [--profile DIR]
+
+Two agents on this machine (no root needed): "local" (the manager's own host, loopback
+mode: the client connects to the real 127.0.99.2:PORT) and "srv" (started through its
+`cmd`, forwards to the servers on 127.0.0.1). Measures bulk MB/s (1 and 8 connections),
+sequential new-connection HTTP GETs per second, 1-byte echo round trips (p50/p99), and the
+RSS and CPU of every process at rest and under load. CPU% per phase shows which process
+limits a figure (one at ~100 % of a core is the bottleneck); --profile DIR also runs the
+manager and the srv agent under cProfile and prints their top functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import pstats
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+LOCAL_VIP, SRV_VIP = "127.0.99.1", "127.0.99.2"
+CLK = os.sysconf("SC_CLK_TCK")
+#: An -X option that marks the srv agent's command line (Python ignores unknown -X).
+SRV_MARK = "norouter-bench=srv"
+
+
+# ---------------------------------------------------------------- servers (own process)
+
+
+def _bulk(conn: socket.socket) -> None:
+    """First 8 bytes: how many bytes to send back."""
+    with conn:
+        n = int.from_bytes(conn.recv(8), "big")
+        block = b"\xa5" * (1 << 20)
+        while n > 0:
+            k = min(n, len(block))
+            conn.sendall(block[:k] if k < len(block) else block)
+            n -= k
+
+
+def _http(conn: socket.socket) -> None:
+    with conn:
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            data = conn.recv(4096)
+            if not data:
+                return
+            buf += data
+        conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 12\r\n\r\nhello world\n")
+
+
+def _echo(conn: socket.socket) -> None:
+    with conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+
+def serve(ports: list[int]) -> None:
+    for port, handler in zip(ports, (_bulk, _http, _echo), strict=True):
+        srv = socket.create_server(("127.0.0.1", port), backlog=1024)
+
+        def loop(srv: socket.socket = srv, handler: Callable[[socket.socket], None] = handler
+                 ) -> None:
+            while True:
+                c, _ = srv.accept()
+                threading.Thread(target=handler, args=(c,), daemon=True).start()
+        threading.Thread(target=loop, daemon=True).start()
+    print("serving", flush=True)
+    threading.Event().wait()
+
+
+# ---------------------------------------------------------------- clients
+
+
+def bulk(addr: tuple[str, int], nbytes: int, conns: int) -> float:
+    """MB/s summed over `conns` connections downloading nbytes/conns each."""
+    per = nbytes // conns
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        try:
+            with socket.create_connection(addr, timeout=60) as s:
+                s.sendall(per.to_bytes(8, "big"))
+                got = 0
+                buf = bytearray(1 << 20)
+                while got < per:
+                    k = s.recv_into(buf)
+                    if not k:
+                        raise ConnectionError(f"EOF after {got} of {per} bytes")
+                    got += k
+        except BaseException as e:
+            errors.append(e)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=one) for _ in range(conns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    secs = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"bulk to {addr}: {errors[0]!r}")
+    return per * conns / secs / 1e6
+
+
+def requests(addr: tuple[str, int], seconds: float) -> float:
+    """Sequential HTTP GETs, a new connection each; returns requests per second."""
+    n = 0
+    t0 = time.perf_counter()
+    req = b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n"
+    while time.perf_counter() - t0 < seconds:
+        with socket.create_connection(addr, timeout=10) as s:
+            s.sendall(req)
+            resp = b""
+            while data := s.recv(4096):
+                resp += data
+            if not resp.endswith(b"hello world\n"):
+                raise RuntimeError(f"bad HTTP answer from {addr}: {resp!r}")
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def echo_rtt(addr: tuple[str, int], count: int) -> tuple[float, float]:
+    """1-byte round trips on one connection; returns (p50, p99) in milliseconds."""
+    with socket.create_connection(addr, timeout=10) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        samples = []
+        for i in range(count + 20):
+            t0 = time.perf_counter()
+            s.sendall(b"x")
+            if s.recv(1) != b"x":
+                raise RuntimeError("echo: bad byte")
+            if i >= 20:  # warm-up
+                samples.append((time.perf_counter() - t0) * 1e3)
+    samples.sort()
+    return statistics.median(samples), samples[int(len(samples) * 0.99) - 1]
+
+
+# ---------------------------------------------------------------- processes
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError):
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def proc_name(pid: int) -> str:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return ""
+    if SRV_MARK.encode() in argv:
+        return "srv agent"
+    if b"agent" in argv:
+        return "local agent"
+    return ""
+
+
+def rss_mb(pid: int) -> float:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def cpu_secs(pid: int) -> float:
+    with contextlib.suppress(OSError):
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / CLK
+    return 0.0
+
+
+class Watch:
+    """RSS peak and CPU use of the norouter processes during one phase."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.peak = {n: rss_mb(p) for n, p in pids.items()}
+        self._stop = threading.Event()
+
+    @contextlib.contextmanager
+    def phase(self) -> Iterator[dict[str, float]]:
+        cpu0 = {n: cpu_secs(p) for n, p in self.pids.items()}
+        t0 = time.perf_counter()
+        self._stop.clear()
+        th = threading.Thread(target=self._sample, daemon=True)
+        th.start()
+        usage: dict[str, float] = {}
+        try:
+            yield usage
+        finally:
+            self._stop.set()
+            th.join()
+            secs = time.perf_counter() - t0
+            for n, p in self.pids.items():
+                usage[n] = (cpu_secs(p) - cpu0[n]) / secs * 100
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.1):
+            for n, p in self.pids.items():
+                self.peak[n] = max(self.peak[n], rss_mb(p))
+
+
+# ---------------------------------------------------------------- main
+
+
+def manifest(ports: list[int], srv_cmd: list[str]) -> str:
+    fw = ", ".join(f'"{p}:127.0.0.1:{p}"' for p in ports)
+    return (f"hosts:\n"
+            f"  local: {{vip: \"{LOCAL_VIP}\", stateDir: {{disable: true}}}}\n"
+            f"  srv:\n"
+            f"    cmd: {srv_cmd!r}\n".replace("'", '"') +
+            f"    vip: \"{SRV_VIP}\"\n"
+            f"    ports: [{fw}]\n"
+            f"    loopback: {{disable: true}}\n"
+            f"    stateDir: {{disable: true}}\n")
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smaller transfers, shorter runs")
+    ap.add_argument("--profile", metavar="DIR", help="cProfile the manager and the srv agent")
+    ap.add_argument("--serve", nargs=3, type=int, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.serve:
+        serve(a.serve)
+        return 0
+    q = a.quick
+    bulk_bytes = (64 if q else 256) << 20
+    req_secs = 2.0 if q else 4.0
+    echo_n = 500 if q else 2000
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        x for x in (str(REPO), os.environ.get("PYTHONPATH", "")) if x))
+    ports = free_ports(3)
+    server = subprocess.Popen([sys.executable, __file__, "--serve", *map(str, ports)],
+                              stdout=subprocess.PIPE, env=env)
+    assert server.stdout is not None
+    server.stdout.readline()
+    tmp = Path(tempfile.mkdtemp(prefix="e2e-bench-"))
+    prof = Path(a.profile).resolve() if a.profile else None
+    py = [sys.executable]
+    srv_cmd = [*py, "-X", SRV_MARK, "-m", "norouter_trio"]
+    mgr_cmd = [*py, "-m", "norouter_trio"]
+    if prof:
+        prof.mkdir(parents=True, exist_ok=True)
+        srv_cmd = [*py, "-X", SRV_MARK, "-m", "cProfile", "-o", str(prof / "srv-agent.prof"), "-m",
+                   "norouter_trio"]
+        mgr_cmd = [*py, "-m", "cProfile", "-o", str(prof / "manager.prof"), "-m",
+                   "norouter_trio"]
+    (tmp / "bench.yaml").write_text(manifest(ports, srv_cmd))
+    log = open(tmp / "manager.log", "w+b")  # noqa: SIM115 - read back at the end
+    mgr = subprocess.Popen([*mgr_cmd, str(tmp / "bench.yaml")], stdout=log, stderr=log,
+                           env=env, cwd=tmp)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            text = (tmp / "manager.log").read_text(errors="replace")
+            if text.count("Ready: ") >= 2:
+                break
+            if mgr.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"manager did not get ready:\n{text[-3000:]}")
+            time.sleep(0.1)
+        via = {i: (SRV_VIP, p) for i, p in enumerate(ports)}
+        direct = {i: ("127.0.0.1", p) for i, p in enumerate(ports)}
+        for _ in range(100):  # the loopback listener is up once Ready is logged
+            with contextlib.suppress(OSError):
+                socket.create_connection(via[1], timeout=1).close()
+                break
+            time.sleep(0.05)
+        pids = {}
+        for p in descendants(mgr.pid):
+            name = "manager" if p == mgr.pid else proc_name(p)
+            if name and name not in pids:
+                pids[name] = p
+        w = Watch(pids)
+        rest = {n: rss_mb(p) for n, p in pids.items()}
+        rows: list[tuple[str, str, str, str, dict[str, float]]] = []
+
+        def measure(name: str, fn: Callable[[tuple[str, int]], Any], idx: int,
+                    fmt: Callable[[Any], str], ratio: Callable[[Any, Any], str]) -> None:
+            d = fn(direct[idx])
+            with w.phase() as usage:
+                v = fn(via[idx])
+            rows.append((name, fmt(v), fmt(d), ratio(v, d), usage))
+
+        pct = lambda v, d: f"{v / d * 100:.1f} %"  # noqa: E731
+        measure("bulk MB/s, 1 conn", lambda ad: bulk(ad, bulk_bytes, 1), 0,
+                lambda v: f"{v:.1f}", pct)
+        measure("bulk MB/s, 8 conns", lambda ad: bulk(ad, bulk_bytes, 8), 0,
+                lambda v: f"{v:.1f}", pct)
+        measure("new-conn GET/s", lambda ad: requests(ad, req_secs), 1,
+                lambda v: f"{v:.0f}", pct)
+        measure("echo RTT p50/p99 ms", lambda ad: echo_rtt(ad, echo_n), 2,
+                lambda v: f"{v[0]:.3f}/{v[1]:.3f}", lambda v, d: f"+{v[1] - d[1]:.3f} p99")
+
+        names = list(pids)
+        print(f"\nend to end ({'quick' if q else 'full'}; {os.cpu_count()} cores; "
+              f"load avg {os.getloadavg()[0]:.2f}); CPU % per process during each phase")
+        head = f"{'measure':<22}{'via norouter':>14}{'direct':>14}{'ratio':>14}"
+        print(head + "".join(f"{n + ' CPU%':>18}" for n in names))
+        for name, v, d, r, usage in rows:
+            print(f"{name:<22}{v:>14}{d:>14}{r:>14}"
+                  + "".join(f"{usage.get(n, 0):>18.0f}" for n in names))
+        print("\nRSS MB: " + ", ".join(f"{n} {rest[n]:.1f} at rest / {w.peak[n]:.1f} peak"
+                                       for n in names))
+    finally:
+        mgr.send_signal(signal.SIGINT)
+        try:
+            mgr.wait(20)
+        except subprocess.TimeoutExpired:
+            mgr.kill()
+        server.kill()
+        log.close()
+    if prof:
+        for f in sorted(prof.glob("*.prof")):
+            print(f"\n--- {f.name}: top 15 by own time")
+            pstats.Stats(str(f)).sort_stats("tottime").print_stats(15)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Benchmark of the sans-IO TCP core: two connections joined in memory, no IP, no checksums.
+
+Prints a short table: bulk MB/s one way (and both ways), handshakes+closes per second,
+and memory per idle established connection (tracemalloc). Run: python bench/tcp_core_bench.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from norouter_trio.tcp.connection import TCPConfig, TCPConnection
+
+A = ("127.0.42.1", 40000)
+B = ("127.0.42.2", 80)
+
+
+def _pump(a: TCPConnection, b: TCPConnection, now: float) -> int:
+    """Move segments both ways until quiet; returns how many moved."""
+    moved = 0
+    while True:
+        sa = a.segments_to_send(now)
+        for seg in sa:
+            b.receive_segment(seg, now)
+        sb = b.segments_to_send(now)
+        for seg in sb:
+            a.receive_segment(seg, now)
+        if not sa and not sb:
+            return moved
+        moved += len(sa) + len(sb)
+
+
+def _handshake(now: float, config: TCPConfig) -> tuple[TCPConnection, TCPConnection]:
+    a = TCPConnection.connect(A, B, now, config)
+    (syn,) = a.segments_to_send(now)
+    b = TCPConnection.accept(B, A, syn, now, config)
+    _pump(a, b, now)
+    return a, b
+
+
+def bench_bulk(total: int, both_ways: bool) -> tuple[float, float]:
+    """MB/s of `total` bytes sent a->b (and b->a if both_ways), reader always draining."""
+    config = TCPConfig()
+    now = 0.0
+    a, b = _handshake(now, config)
+    chunk = bytes(256 * 1024)
+    view = memoryview(chunk)
+    sent_a = sent_b = got_a = got_b = 0
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    while got_b < total or (both_ways and got_a < total):
+        now += 0.0001
+        if sent_a < total:
+            sent_a += a.send(view[: min(len(chunk), total - sent_a)], now)
+        if both_ways and sent_b < total:
+            sent_b += b.send(view[: min(len(chunk), total - sent_b)], now)
+        for seg in a.segments_to_send(now):
+            b.receive_segment(seg, now)
+        while b.readable_bytes:
+            got_b += len(b.read(1 << 20, now))
+        for seg in b.segments_to_send(now):
+            a.receive_segment(seg, now)
+        while a.readable_bytes:
+            got_a += len(a.read(1 << 20, now))
+        for conn in (a, b):
+            t = conn.get_timer()
+            if t is not None and t <= now:
+                conn.handle_timer(now)
+            while conn.next_event() is not None:
+                pass
+    elapsed = time.perf_counter() - t0
+    cpu = time.process_time() - c0
+    moved = got_b + (got_a if both_ways else 0)
+    return moved / elapsed / 1e6, moved / cpu / 1e6
+
+
+def bench_handshakes(count: int) -> tuple[float, float]:
+    """Connections opened, one byte each way, closed (through TIME-WAIT) per second."""
+    config = TCPConfig(time_wait=0.0)
+    now = 0.0
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    for _ in range(count):
+        a, b = _handshake(now, config)
+        a.send(b"q", now)
+        _pump(a, b, now)
+        b.read(10, now)
+        b.send(b"r", now)
+        _pump(a, b, now)
+        a.read(10, now)
+        a.close(now)
+        _pump(a, b, now)
+        b.close(now)
+        _pump(a, b, now)
+        for conn in (a, b):
+            conn.handle_timer(now)
+        assert a.state.value == "CLOSED" and b.state.value == "CLOSED", (a, b)
+    return count / (time.perf_counter() - t0), count / (time.process_time() - c0)
+
+
+def bench_memory(count: int) -> float:
+    """Bytes per idle established connection (both ends counted, result per end)."""
+    config = TCPConfig()
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    keep = []
+    for i in range(count):
+        a, b = _handshake(float(i), config)
+        while a.next_event() is not None:
+            pass
+        while b.next_event() is not None:
+            pass
+        keep.append((a, b))
+    used = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    return used / (2 * count)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--mbytes", type=int, default=512, help="bulk transfer size in MB")
+    p.add_argument("--conns", type=int, default=5000, help="handshake+close iterations")
+    args = p.parse_args()
+    total = args.mbytes * 1_000_000
+    one = bench_bulk(total, False)
+    both = bench_bulk(total // 2, True)
+    hs = bench_handshakes(args.conns)
+    mem = bench_memory(2000) / 1024
+    rows = [
+        ("measure", "wall clock", "CPU time", ""),
+        ("bulk one way", f"{one[0]:10.1f}", f"{one[1]:10.1f}", "MB/s"),
+        ("bulk both ways (sum)", f"{both[0]:10.1f}", f"{both[1]:10.1f}", "MB/s"),
+        ("open+1B each way+close", f"{hs[0]:10.0f}", f"{hs[1]:10.0f}", "conn/s"),
+        ("idle established conn", f"{mem:10.2f}", "", "KiB"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    for name, wall, cpu, unit in rows:
+        print(f"{name:<{width}}  {wall:>10}  {cpu:>10}  {unit}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Joining two byte streams: a pump per direction, half-close carried through, resets passed on.
+
+Each direction reads one chunk and waits until the other side has taken it before reading
+the next, so a reader that stops makes the writer stop too (back-pressure end to end: at
+most one chunk per direction is held here). EOF on one side becomes ``send_eof`` on the
+other while the opposite direction keeps flowing. A reset or error on either side aborts
+both (an RST where the stream supports it), so the far end learns promptly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+from dataclasses import dataclass
+
+import trio
+
+#: Largest chunk moved per receive/send: big enough that per-call overhead stays small,
+#: small enough that a stalled reader pins little memory.
+CHUNK = 256 * 1024
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+#: What a broken connection raises, from trio streams and from the OS.
+STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+@dataclass
+class JoinResult:
+    """How a joined connection ended: bytes each way, and the error that ended it, if any."""
+
+    a_to_b: int = 0
+    b_to_a: int = 0
+    error: str | None = None
+
+
+def abort_stream(stream: trio.abc.Stream) -> None:
+    """Arrange for the next close to send RST instead of FIN (OS socket or stack stream)."""
+    if isinstance(stream, trio.SocketStream):
+        with contextlib.suppress(OSError):
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        return
+    abort = getattr(stream, "abort", None)
+    if callable(abort):
+        with contextlib.suppress(*STREAM_ERRORS):
+            abort()
+
+
+async def reset_and_close(stream: trio.abc.Stream) -> None:
+    """Close with RST: the far end sees a reset, not a clean end of data."""
+    abort_stream(stream)
+    with contextlib.suppress(*STREAM_ERRORS):
+        await trio.aclose_forcefully(stream)
+
+
+async def pump(src: trio.abc.ReceiveStream, dst: trio.abc.SendStream, *,
+               chunk: int = CHUNK) -> int:
+    """Copy src to dst until EOF, then half-close dst; return the bytes moved."""
+    moved = 0
+    receive_some = src.receive_some
+    send_all = dst.send_all
+    while True:
+        data = await receive_some(chunk)
+        if not data:
+            break
+        await send_all(data)
+        moved += len(data)
+    if isinstance(dst, trio.abc.HalfCloseableStream):
+        await dst.send_eof()
+    else:
+        await dst.aclose()
+    return moved
+
+
+async def join(a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStream, *,
+               chunk: int = CHUNK) -> JoinResult:
+    """Pump a<->b until both directions end; close both. Never raises for stream errors:
+    an error in one direction resets both streams and is returned in ``error``."""
+    result = JoinResult()
+
+    async def direction(src: trio.abc.HalfCloseableStream, dst: trio.abc.HalfCloseableStream,
+                        forward: bool, scope: trio.CancelScope) -> None:
+        try:
+            n = await pump(src, dst, chunk=chunk)
+        except STREAM_ERRORS as e:
+            if result.error is None:
+                result.error = f"{'a->b' if forward else 'b->a'}: {e or type(e).__name__}"
+            abort_stream(a)
+            abort_stream(b)
+            scope.cancel()
+            return
+        if forward:
+            result.a_to_b = n
+        else:
+            result.b_to_a = n
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(direction, a, b, True, nursery.cancel_scope)
+            nursery.start_soon(direction, b, a, False, nursery.cancel_scope)
+    finally:
+        for s in (a, b):
+            with contextlib.suppress(*STREAM_ERRORS):
+                await trio.aclose_forcefully(s) if result.error else await _close(s)
+    return result
+
+
+async def _close(stream: trio.abc.Stream) -> None:
+    """Graceful close, but never wait long for it (the data has already been handed over)."""
+    with trio.move_on_after(5) as scope:
+        await stream.aclose()
+    if scope.cancelled_caught:
+        await trio.aclose_forcefully(stream)

@@ -1,0 +1,858 @@
+"""The manager: starts one agent per host, configures it, and switches L3 frames between them.
+
+Per agent link, one task group: the process, a stdin writer fed by a bounded channel, a stdout
+reader that switches frames, and a stderr relay (``stderr[NAME(VIP)]: LINE``).
+
+Switching (behaviour.md §5) works on whole read chunks: the reader parses every frame in a
+chunk (``FrameDecoder.feed_raw``), picks the destination agent from ``packet[16:20]``, and
+forwards runs of consecutive frames for the same agent as one slice of the chunk, so a
+chunk of frames for one host costs one queue entry and one ``write``.
+
+Full queues: each agent's queue is bounded in entries (``QUEUE_BATCHES``) and in bytes
+(``queue_bytes``, 8 MiB by default).  When a destination's queue is full, the reader of
+the source that sent the frames waits up to ``BACKPRESSURE_WAIT`` (0.25 s) for room, so
+an agent that is merely slower slows its senders down instead of losing packets.  If the
+queue stays full, the frames are dropped and counted (``drops["queue_full"]`` on the
+destination) and the destination is marked congested: frames for it are dropped at once,
+like a router's output queue, until its queue drains to half.  So a stuck agent stalls
+its senders at most once for 0.25 s, never the readers of other agents, and the memory
+it can hold is bounded.  TCP in the agents recovers the loss.
+
+Shutdown: agents get SIGINT (to their process group) and EOF on stdin, and are SIGKILLed
+after ``grace`` seconds.  Local children also get PR_SET_PDEATHSIG, so a SIGKILLed manager
+takes them along; remote agents see EOF on stdin and exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from norouter_trio import __version__, frames
+from norouter_trio.manifest import HostSpec, Manifest, configure_args
+from norouter_trio.messages import (
+    ConfigureArgs,
+    Event,
+    MessageError,
+    Request,
+    Result,
+    RouteSuggestion,
+    decode_message,
+    encode_message,
+)
+from norouter_trio.routing import RoutingTable, ip_bytes, ip_str
+
+log = logging.getLogger("norouter_trio.manager")
+
+#: Entries (batches of frames) queued per agent before frames for it are dropped.
+QUEUE_BATCHES = 1024
+#: Bytes queued per agent before frames for it are dropped.
+QUEUE_BYTES = 8 << 20
+#: One read from an agent's stdout; big reads carry many frames per syscall.
+READ_SIZE = 1 << 20
+#: Largest single write to an agent's stdin.
+WRITE_BATCH_BYTES = 4 << 20
+PIPE_SIZE = 1 << 20
+F_SETPIPE_SZ = 1031
+STDERR_KEEP = 20
+#: Seconds between two "no route" warnings (the rest are counted).
+NO_ROUTE_WARN_INTERVAL = 5.0
+#: Features whose absence is worth a warning when the host's configuration uses them.
+OPTIONAL_FEATURES = ("http", "socks", "etchosts", "routes", "dns")
+
+#: Seconds without a configure result before the manager warns.
+CONFIGURE_WARN_AFTER = 30.0
+#: How long a source's reader waits for room in a full destination queue before it drops
+#: the frames and marks the destination congested.
+BACKPRESSURE_WAIT = 0.25
+
+
+_Blocked = tuple["HostState", list[bytes | memoryview], int]
+
+
+class Observer:
+    """Callbacks for watchers such as the debug relay; every method is a no-op here.
+
+    ``host`` arguments are :class:`HostState` objects.  ``frame_switched`` and
+    ``frame_dropped`` run on the packet path for every frame: do O(1) work, never block.
+    """
+
+    def agent_starting(self, host: HostState, argv: list[str]) -> None:
+        pass
+
+    def agent_configured(self, host: HostState, features: list[str], version: str) -> None:
+        pass
+
+    def agent_warning(self, host: HostState, msg: str) -> None:
+        pass
+
+    def agent_exited(self, host: HostState, code: int | None,
+                     last_stderr_lines: list[str]) -> None:
+        pass
+
+    def agent_stderr(self, host: HostState, line: str) -> None:
+        pass
+
+    def frame_switched(self, src_host: HostState, dst_host: HostState, packet: bytes) -> None:
+        pass
+
+    def frame_dropped(self, src_host: HostState, reason: str, packet: bytes) -> None:
+        pass
+
+    def route_learned(self, ips: list[str], via: str) -> None:
+        pass
+
+
+@dataclass(eq=False)
+class HostState:
+    """One agent link as the relay and the logs see it."""
+
+    name: str
+    vip: str
+    spec: HostSpec
+    request_id: int
+    argv: list[str] = field(default_factory=list)
+    state: str = "starting"  # starting / ready / exited
+    features: list[str] = field(default_factory=list)
+    version: str | None = None
+    pid: int | None = None
+    exit_code: int | None = None
+    exit_reason: str | None = None
+    frames_in: int = 0
+    bytes_in: int = 0
+    frames_out: int = 0
+    bytes_out: int = 0
+    drops: dict[str, int] = field(default_factory=dict)
+    queued_bytes: int = 0
+    last_stderr: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_KEEP))
+    # runtime
+    process: subprocess.Popen[bytes] | None = None
+    stdin: Pipe | None = None
+    send: trio.MemorySendChannel[tuple[list[bytes | memoryview], int, int]] | None = None
+    terminating: bool = False
+    congested: bool = False  # queue stayed full: drop at once until it drains to half
+    room: trio.Event = field(default_factory=trio.Event)  # set when the writer dequeues
+    terminate_requested: trio.Event = field(default_factory=trio.Event)
+    done: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}({self.vip})"
+
+    @property
+    def queue_depth(self) -> int:
+        """Entries waiting in this agent's queue."""
+        if self.send is None:
+            return 0
+        return self.send.statistics().current_buffer_used
+
+    def counters(self) -> dict[str, Any]:
+        return {"frames_in": self.frames_in, "bytes_in": self.bytes_in,
+                "frames_out": self.frames_out, "bytes_out": self.bytes_out,
+                "drops": dict(self.drops), "queue_depth": self.queue_depth,
+                "queued_bytes": self.queued_bytes}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "vip": self.vip, "argv": list(self.argv),
+                "state": self.state, "features": list(self.features),
+                "version": self.version, "pid": self.pid, "exit_code": self.exit_code,
+                "exit_reason": self.exit_reason, "counters": self.counters()}
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + n
+
+
+def _load_prctl() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def _child_setup(parent_pid: int) -> None:
+    """In the child before exec: own process group; die with the manager (Linux)."""
+    os.setpgid(0, 0)
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the manager died before prctl took effect
+            os._exit(1)
+
+
+IOV_MAX = 1024
+
+
+class Pipe:
+    """Our end of a pipe to or from an agent, for trio: plain reads, gathered writes.
+
+    Unlike ``trio.lowlevel.FdStream`` it writes a list of buffers with one ``writev``
+    (no join copy) and hands read chunks to the caller as they come.
+    """
+
+    def __init__(self, fd: int) -> None:
+        os.set_blocking(fd, False)
+        self.fd = fd
+        self.closed = False
+
+    async def read(self, max_bytes: int) -> bytes:
+        """Up to ``max_bytes``; b"" at EOF.  Always checkpoints (a busy pipe cannot starve
+        the other tasks)."""
+        while True:
+            if self.closed:
+                raise trio.ClosedResourceError("pipe closed")
+            try:
+                data = os.read(self.fd, max_bytes)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self.fd)
+                continue
+            await trio.lowlevel.checkpoint()
+            return data
+
+    async def write(self, parts: list[bytes | memoryview]) -> None:
+        """Write every buffer, in order; raises BrokenResourceError when the reader left."""
+        i = 0
+        while i < len(parts):
+            if self.closed:
+                raise trio.ClosedResourceError("pipe closed")
+            try:
+                n = os.writev(self.fd, parts[i:i + IOV_MAX])
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.fd)
+                continue
+            except (BrokenPipeError, ConnectionResetError) as e:
+                raise trio.BrokenResourceError(str(e)) from e
+            while i < len(parts) and n >= len(parts[i]):
+                n -= len(parts[i])
+                i += 1
+            if n:
+                parts[i] = memoryview(parts[i])[n:]
+        await trio.lowlevel.checkpoint()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            trio.lowlevel.notify_closing(self.fd)
+            os.close(self.fd)
+
+
+def _overrides(observer: object, method: str) -> bool:
+    fn = getattr(type(observer), method, None)
+    return fn is not None and fn is not getattr(Observer, method)
+
+
+def _raise_pipe_size(fd: int) -> None:
+    try:
+        import fcntl
+        fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+    except (OSError, ImportError, ValueError):
+        pass
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "unknown status"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+class Manager:
+    """Runs the agents of one manifest and the switch between them."""
+
+    def __init__(self, manifest: Manifest, *, grace: float = 2.0,
+                 queue_bytes: int = QUEUE_BYTES, debug: bool = False) -> None:
+        self.manifest = manifest
+        self.grace = grace
+        self.queue_bytes = queue_bytes
+        self.debug = debug
+        specs = list(manifest.hosts.values())
+        self.hosts: list[HostState] = [
+            HostState(name=h.name, vip=h.vip, spec=h, request_id=i + 1)
+            for i, h in enumerate(specs)]
+        self.configure: dict[str, ConfigureArgs] = {
+            h.name: configure_args(manifest, h.name) for h in specs}
+        self.routing = RoutingTable(h.vip for h in self.hosts)
+        for route in manifest.routes:
+            for cidr in route.to_cidr:
+                self.routing.add_cidr_route(cidr, route.via)
+        self._by_vip_all: dict[bytes, HostState] = {ip_bytes(h.vip): h for h in self.hosts}
+        self._live: dict[bytes, HostState] = {}  # VIP → link that can take frames
+        self._observers: list[Observer] = []
+        self._packet_observers: list[Observer] = []
+        self._nursery: trio.Nursery | None = None
+        self._stopping = False
+        self._wake = trio.Event()
+        self.done = trio.Event()
+        self.exit_code = 0
+        self._no_route_last = 0.0
+        self._no_route_suppressed = 0
+
+    # -- public -----------------------------------------------------------------------
+    def add_observer(self, observer: Observer) -> None:
+        """Watch the manager.  Only observers that define ``frame_switched`` or
+        ``frame_dropped`` (other than the no-op) put the switch on its per-frame path."""
+        self._observers.append(observer)
+        if any(_overrides(observer, m) for m in ("frame_switched", "frame_dropped")):
+            self._packet_observers.append(observer)
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        """The manager's nursery (for extra services such as the relay), once running."""
+        if self._nursery is None:
+            raise RuntimeError("the manager is not running")
+        return self._nursery
+
+    def host(self, name: str) -> HostState:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise KeyError(name)
+
+    def learned_routes(self) -> list[tuple[str, str]]:
+        """Learned routes as ``(ip, via VIP)``, least recently used first."""
+        return self.routing.learned()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"version": __version__, "hosts": [h.to_dict() for h in self.hosts],
+                "learned_routes": self.learned_routes(),
+                "cidr_routes": self.routing.cidr_routes()}
+
+    def agent_command(self, host: HostSpec) -> tuple[list[str], bytes]:
+        """How to start ``host``'s agent: argv, and bytes to write to its stdin first.
+
+        Override for hosts that need a loader sent over stdin before the first frame.
+        """
+        if host.argv is None:
+            argv = [sys.executable, "-m", "norouter_trio", "agent", "--automated"]
+            if self.debug:
+                argv.append("--debug")
+            return argv, b""
+        return list(host.argv), b""
+
+    def stop(self, *, force: bool = False) -> None:
+        """Begin shutdown: SIGINT and EOF to every agent (SIGKILL with ``force``)."""
+        self._stopping = True
+        for h in self.hosts:
+            if h.state != "exited":
+                self._terminate(h, signal.SIGKILL if force else signal.SIGINT)
+        self._wake.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                  ) -> int:
+        """Run until ``stop()`` or until every agent has exited; return the exit code."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for h in self.hosts:
+                    nursery.start_soon(self._run_link, h)
+                task_status.started()
+                await self._wake.wait()
+                if not self._stopping:
+                    log.error("every agent has exited; stopping")
+                    self.exit_code = 1
+                with trio.move_on_after(self.grace + 2.0):
+                    for h in self.hosts:
+                        await h.done.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            for h in self.hosts:
+                self._kill_now(h)
+            self.done.set()
+        return self.exit_code
+
+    # -- notifications ----------------------------------------------------------------
+    def _notify(self, method: str, *args: Any) -> None:
+        for o in self._observers:
+            fn = getattr(o, method, None)
+            if fn is None:
+                continue
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("observer %r failed in %s", o, method)
+
+    def _warn(self, h: HostState, msg: str) -> None:
+        log.warning("%s: %s", h.label, msg)
+        self._notify("agent_warning", h, msg)
+
+    # -- process ----------------------------------------------------------------------
+    def _spawn(self, h: HostState, argv: list[str]) -> tuple[int, int]:
+        """Start the agent; return our ends (stdout, stderr) and set ``h.stdin``."""
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        parent = os.getpid()
+        try:
+            h.process = subprocess.Popen(
+                argv, stdin=in_r, stdout=out_w, stderr=err_w, close_fds=True,
+                preexec_fn=lambda: _child_setup(parent))
+        except BaseException:
+            for fd in (in_r, in_w, out_r, out_w, err_r, err_w):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (in_r, out_w, err_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        h.pid = h.process.pid
+        _raise_pipe_size(in_w)
+        _raise_pipe_size(out_r)
+        h.stdin = Pipe(in_w)
+        return out_r, err_r
+
+    def _signal(self, h: HostState, sig: int) -> None:
+        p = h.process
+        if p is None or p.returncode is not None:
+            return
+        try:
+            os.killpg(p.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(sig)
+
+    def _terminate(self, h: HostState, sig: int = signal.SIGINT) -> None:
+        """Ask the agent to go (signal + EOF on stdin); the link kills it after the grace."""
+        h.terminating = True
+        h.terminate_requested.set()
+        self._signal(h, sig)
+        if h.stdin is not None:
+            with contextlib.suppress(Exception):
+                h.stdin.close()
+
+    def _kill_now(self, h: HostState) -> None:
+        self._signal(h, signal.SIGKILL)
+
+    async def _wait_exit(self, p: subprocess.Popen[bytes]) -> int:
+        pidfd = -1
+        with contextlib.suppress(AttributeError, OSError):
+            pidfd = os.pidfd_open(p.pid)
+        try:
+            while p.poll() is None:
+                if pidfd >= 0:
+                    await trio.lowlevel.wait_readable(pidfd)
+                else:
+                    await trio.sleep(0.05)
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
+        assert p.returncode is not None
+        return p.returncode
+
+    # -- one link ---------------------------------------------------------------------
+    async def _run_link(self, h: HostState) -> None:
+        try:
+            argv, preamble = self.agent_command(h.spec)
+            h.argv = argv
+            log.debug("%s: starting agent: %s", h.label, " ".join(argv))
+            self._notify("agent_starting", h, argv)
+            try:
+                out_fd, err_fd = self._spawn(h, argv)
+            except OSError as e:
+                h.exit_reason = f"cannot start {argv[0]!r}: {e.strerror or e}"
+                log.error("%s: %s (check the host's cmd in the manifest)", h.label, h.exit_reason)
+                return
+            send, recv = trio.open_memory_channel[
+                tuple[list[bytes | memoryview], int, int]](QUEUE_BATCHES)
+            request = Request(id=h.request_id, op="configure", args=self.configure[h.name])
+            first = preamble + frames.encode_frame(frames.TYPE_JSON, encode_message(request))
+            send.send_nowait(([first], 0, len(first)))
+            h.queued_bytes += len(first)
+            h.send = send
+            self._live[ip_bytes(h.vip)] = h
+            stdout = Pipe(out_fd)
+            stderr = Pipe(err_fd)
+            assert h.process is not None
+            async with trio.open_nursery() as n:
+                stderr_done = trio.Event()
+                reader_done = trio.Event()
+                n.start_soon(self._writer, h, recv)
+                n.start_soon(self._stderr_relay, h, stderr, stderr_done)
+                n.start_soon(self._reader, h, stdout, reader_done)
+                n.start_soon(self._killer, h)
+                n.start_soon(self._configure_watch, h)
+                code = await self._wait_exit(h.process)
+                h.exit_code = code
+                with trio.move_on_after(1.0):
+                    await reader_done.wait()
+                    await stderr_done.wait()
+                n.cancel_scope.cancel()
+            stdout.close()
+            stderr.close()
+            if h.stdin is not None:
+                h.stdin.close()
+            lines = list(h.last_stderr)
+            how = _describe_exit(code)
+            if self._stopping:
+                log.info("%s: agent stopped (%s)", h.label, how)
+            else:
+                reason = f"; {h.exit_reason}" if h.exit_reason else ""
+                tail = f"; last stderr: {' | '.join(lines[-3:])}" if lines else ""
+                log.error("%s: agent exited (%s%s)%s", h.label, how, reason, tail)
+            self._notify("agent_exited", h, code, lines)
+        finally:
+            self._live.pop(ip_bytes(h.vip), None)
+            if h.send is not None:
+                h.send.close()
+            h.state = "exited"
+            h.done.set()
+            if all(x.done.is_set() for x in self.hosts):
+                self._wake.set()
+
+    async def _configure_watch(self, h: HostState) -> None:
+        """Say so when an agent does not answer its configure request (a hung ssh, a cmd
+        that is not norouter ...); the link keeps waiting."""
+        await trio.sleep(CONFIGURE_WARN_AFTER)
+        if h.state == "starting" and not h.terminating:
+            self._warn(h, f"no answer to the configure request after "
+                       f"{CONFIGURE_WARN_AFTER:.0f} s; is its cmd starting `norouter agent "
+                       f"--automated`? (stderr is relayed as stderr[{h.label}])")
+
+    async def _killer(self, h: HostState) -> None:
+        """Once the agent is asked to go, SIGKILL it (and its group) after the grace."""
+        await h.terminate_requested.wait()
+        await trio.sleep(self.grace)
+        if h.process is not None and h.process.poll() is None:
+            log.warning("%s: agent still running %.1f s after SIGINT; killing it",
+                        h.label, self.grace)
+            self._kill_now(h)
+
+    async def _writer(self, h: HostState, recv: trio.MemoryReceiveChannel[
+            tuple[list[bytes | memoryview], int, int]]) -> None:
+        """Drain the queue into the agent's stdin: many queue entries per ``writev``."""
+        receive_nowait = recv.receive_nowait
+        stdin = h.stdin
+        assert stdin is not None
+        try:
+            async for parts, count, size in recv:
+                while size < WRITE_BATCH_BYTES and len(parts) < IOV_MAX:
+                    try:
+                        p, c, n = receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    parts.extend(p)
+                    size += n
+                    count += c
+                h.queued_bytes -= size
+                if h.congested and h.queued_bytes <= self.queue_bytes // 2:
+                    h.congested = False
+                    log.info("%s: queue drained; forwarding again", h.label)
+                h.room.set()
+                h.room = trio.Event()
+                await stdin.write(parts)
+                h.frames_out += count
+                h.bytes_out += size
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            if not h.terminating:
+                log.debug("%s: stdin closed (%s)", h.label, e)
+        finally:
+            # Frames for this agent are dropped from now on (counted as host_down).
+            self._live.pop(ip_bytes(h.vip), None)
+            recv.close()
+            h.room.set()
+
+    async def _stderr_relay(self, h: HostState, stream: Pipe,
+                            done: trio.Event) -> None:
+        pending = b""
+        try:
+            while True:
+                try:
+                    data = await stream.read(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    data = b""
+                if not data:
+                    if pending:
+                        self._stderr_line(h, pending)
+                    return
+                pending += data
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    self._stderr_line(h, line)
+                if len(pending) > 65536:
+                    self._stderr_line(h, pending)
+                    pending = b""
+        finally:
+            done.set()
+
+    def _stderr_line(self, h: HostState, raw: bytes) -> None:
+        line = raw.rstrip(b"\r").decode("utf-8", "replace")
+        h.last_stderr.append(line)
+        log.info("stderr[%s]: %s", h.label, line)
+        self._notify("agent_stderr", h, line)
+
+    async def _reader(self, h: HostState, stream: Pipe,
+                      done: trio.Event) -> None:
+        decoder = frames.FrameDecoder(h.label)
+        try:
+            while True:
+                try:
+                    data = await stream.read(READ_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                    h.exit_reason = h.exit_reason or f"stdout unreadable: {e}"
+                    break
+                try:
+                    if not data:
+                        decoder.eof()
+                        break
+                    groups = decoder.feed_raw(data)
+                except frames.FrameError as e:
+                    h.exit_reason = f"sent garbage: {e}"
+                    log.error("%s: %s; stopping this agent", h.label, e)
+                    h.drop("bad_stream")
+                    break
+                for buf, spans in groups:
+                    blocked = self._switch(h, buf, spans)
+                    if blocked:
+                        await self._wait_for_room(blocked)
+        finally:
+            if not h.terminating:
+                self._terminate(h)
+            done.set()
+
+    # -- the switch -------------------------------------------------------------------
+    def _switch(self, src: HostState, buf: bytes, spans: list[tuple[int, int, int]]
+                ) -> list[_Blocked]:
+        """Route every frame of one read chunk; queue runs of frames per destination.
+
+        Returns what could not be queued because the destination's queue is full (and
+        the destination is not marked congested): the reader waits a little for room.
+        """
+        if self._packet_observers:
+            return self._switch_observed(src, buf, spans)
+        live = self._live
+        view = memoryview(buf)
+        pending: dict[HostState, list[bytes | memoryview]] = {}
+        counts: dict[HostState, int] = {}
+        run_dst: HostState | None = None
+        run_start = run_end = run_n = 0
+        nbytes = 0
+        for ftype, start, end in spans:
+            nbytes += end - start
+            if ftype == 1 and end - start >= 28 and buf[start + 8] >> 4 == 4:
+                dst = live.get(buf[start + 24:start + 28])
+                if dst is None:
+                    dst = self._slow_route(src, buf[start + 8:end])
+                    if dst is None:
+                        continue
+                if dst is run_dst and start == run_end:
+                    run_end = end
+                    run_n += 1
+                    continue
+                if run_dst is not None:
+                    pending.setdefault(run_dst, []).append(view[run_start:run_end])
+                    counts[run_dst] = counts.get(run_dst, 0) + run_n
+                run_dst, run_start, run_end, run_n = dst, start, end, 1
+            else:
+                self._other_frame(src, ftype, buf[start + 8:end])
+        if run_dst is not None:
+            pending.setdefault(run_dst, []).append(
+                buf if run_end - run_start == len(buf) else view[run_start:run_end])
+            counts[run_dst] = counts.get(run_dst, 0) + run_n
+        src.frames_in += len(spans)
+        src.bytes_in += nbytes
+        blocked: list[_Blocked] = []
+        for dst, parts in pending.items():
+            if not self._enqueue(dst, parts, counts[dst]):
+                blocked.append((dst, parts, counts[dst]))
+        return blocked
+
+    def _switch_observed(self, src: HostState, buf: bytes,
+                         spans: list[tuple[int, int, int]]) -> list[_Blocked]:
+        """The same decisions, frame by frame, telling the observers."""
+        live = self._live
+        pending: dict[HostState, list[bytes | memoryview]] = {}
+        for ftype, start, end in spans:
+            src.frames_in += 1
+            src.bytes_in += end - start
+            if ftype == 1 and end - start >= 28 and buf[start + 8] >> 4 == 4:
+                dst = live.get(buf[start + 24:start + 28])
+                if dst is None:
+                    dst = self._slow_route(src, buf[start + 8:end])
+                    if dst is None:
+                        continue
+                packet = buf[start + 8:end]
+                self._notify("frame_switched", src, dst, packet)
+                pending.setdefault(dst, []).append(buf[start:end])
+            else:
+                self._other_frame(src, ftype, buf[start + 8:end])
+        blocked: list[_Blocked] = []
+        for dst, parts in pending.items():
+            if not self._enqueue(dst, parts, len(parts)):
+                blocked.append((dst, parts, len(parts)))
+        return blocked
+
+    def _slow_route(self, src: HostState, packet: bytes) -> HostState | None:
+        """Learned / CIDR routes, or a counted drop with a rate-limited warning."""
+        owner = self.routing.resolve(packet[16:20])
+        if owner is not None:
+            dst = self._live.get(owner)
+            if dst is not None:
+                return dst
+            reason = "host_down"
+            src.drop(reason)
+            self._no_route_warning(src, packet, f"its owner {ip_str(owner)} is not running")
+        else:
+            reason = "no_route"
+            src.drop(reason)
+            self._no_route_warning(src, packet, "no host has that VIP and no route covers it")
+        if self._packet_observers:
+            self._notify("frame_dropped", src, reason, packet)
+        return None
+
+    def _no_route_warning(self, src: HostState, packet: bytes, why: str) -> None:
+        now = time.monotonic()
+        if now - self._no_route_last < NO_ROUTE_WARN_INTERVAL:
+            self._no_route_suppressed += 1
+            return
+        more = (f" ({self._no_route_suppressed} similar drops not logged)"
+                if self._no_route_suppressed else "")
+        self._no_route_last = now
+        self._no_route_suppressed = 0
+        log.warning("dropping a packet from %s to %s: %s%s", src.label,
+                    ip_str(packet[16:20]), why, more)
+
+    def _enqueue(self, dst: HostState, parts: list[bytes | memoryview], n: int,
+                 *, final: bool = False) -> bool:
+        """Queue frames for ``dst``.  False: the queue is full and the caller may wait for
+        room; frames for a congested destination (or with ``final``) are dropped."""
+        size = sum(map(len, parts))
+        send = dst.send
+        assert send is not None
+        if dst.queued_bytes + size <= self.queue_bytes:
+            try:
+                send.send_nowait((parts, n, size))
+            except trio.WouldBlock:
+                pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                dst.drop("host_down", n)
+                return True
+            else:
+                dst.queued_bytes += size
+                return True
+        if dst.congested or final:
+            if not dst.congested:
+                dst.congested = True
+                log.warning("%s: its queue stays full (%d bytes); dropping frames for it "
+                            "until it drains", dst.label, dst.queued_bytes)
+            dst.drop("queue_full", n)
+            return True
+        return False
+
+    async def _wait_for_room(self, blocked: list[_Blocked]) -> None:
+        """Back-pressure for a destination that is merely slower: hold this source's reader
+        up to ``BACKPRESSURE_WAIT`` for room, then drop and mark the destination congested
+        (frames for it are then dropped at once, so a stuck agent stalls nobody)."""
+        for dst, parts, n in blocked:
+            with trio.move_on_after(BACKPRESSURE_WAIT):
+                while not self._enqueue(dst, parts, n):
+                    await dst.room.wait()
+                continue
+            self._enqueue(dst, parts, n, final=True)
+
+    def _other_frame(self, src: HostState, ftype: int, payload: bytes) -> None:
+        if ftype == frames.TYPE_L3:
+            src.drop("bad_packet")
+            if self._packet_observers:
+                self._notify("frame_dropped", src, "bad_packet", payload)
+            log.debug("%s: dropped an L3 frame that is not an IPv4 packet (%d bytes)",
+                      src.label, len(payload))
+        elif ftype == frames.TYPE_JSON:
+            self._handle_json(src, payload)
+        else:
+            src.drop("unknown_type")
+            # The first one per host is a warning; the rest only count (no log flood).
+            level = logging.DEBUG if src.drops["unknown_type"] > 1 else logging.WARNING
+            log.log(level, "%s: skipping a frame of unknown type %d (%d bytes)",
+                    src.label, ftype, len(payload))
+
+    # -- control messages -------------------------------------------------------------
+    def _handle_json(self, h: HostState, payload: bytes) -> None:
+        try:
+            msg = decode_message(payload)
+        except MessageError as e:
+            self._warn(h, f"ignoring a bad JSON message: {e}")
+            return
+        if isinstance(msg, Result):
+            self._handle_result(h, msg)
+        elif isinstance(msg, Request):
+            self._warn(h, f"ignoring a {msg.op!r} request sent by an agent")
+        else:
+            self._handle_event(h, msg)
+
+    def _handle_result(self, h: HostState, res: Result) -> None:
+        if res.request_id != h.request_id or h.state != "starting":
+            self._warn(h, f"ignoring an unexpected result for request {res.request_id}")
+            return
+        if res.error is not None or res.data is None:
+            self._refuse(h, f"configure failed: {res.error_message or 'no data in the result'}")
+            return
+        feats = list(res.data.features)
+        h.features = feats
+        h.version = res.data.version
+        if "tcp" not in feats:
+            self._refuse(h, "the agent does not support the 'tcp' feature (upgrade it)")
+            return
+        args = self.configure[h.name]
+        if args.loopback_disable and "loopback.disable" not in feats:
+            self._refuse(h, "the manifest sets loopback.disable but the agent lacks the "
+                         "'loopback.disable' feature; it would listen on loopback addresses "
+                         "(upgrade the agent or remove loopback.disable)")
+            return
+        used = {"http": bool(args.http_listen), "socks": bool(args.socks_listen),
+                "etchosts": args.write_etc_hosts, "routes": bool(args.routes), "dns": True}
+        for feat in OPTIONAL_FEATURES:
+            if used[feat] and feat not in feats:
+                self._warn(h, f"the agent lacks the {feat!r} feature; that part of its "
+                           "configuration is ignored")
+        if h.version != __version__:
+            self._warn(h, f"agent version {h.version} differs from the manager's "
+                       f"{__version__}")
+        h.state = "ready"
+        log.info("Ready: %s", h.vip)
+        self._notify("agent_configured", h, feats, h.version)
+
+    def _refuse(self, h: HostState, why: str) -> None:
+        h.exit_reason = why
+        log.error("%s: %s; stopping this agent", h.label, why)
+        self._notify("agent_warning", h, why)
+        self._live.pop(ip_bytes(h.vip), None)
+        self._terminate(h)
+
+    def _handle_event(self, h: HostState, msg: Event) -> None:
+        if not isinstance(msg.data, RouteSuggestion):
+            self._warn(h, f"ignoring an event of type {msg.type!r}")
+            return
+        ips, via = msg.data.ip, msg.data.route
+        try:
+            via_b = ip_bytes(via)
+        except ValueError:
+            self._warn(h, f"ignoring a routeSuggestion via {via!r} (not an IPv4 address)")
+            return
+        if via_b not in self._by_vip_all:
+            self._warn(h, f"ignoring a routeSuggestion via {via} (no host has that VIP)")
+            return
+        accepted = self.routing.learn([str(ip) for ip in ips], via)
+        if accepted:
+            log.info("route learned from %s: %s via %s", h.label, ", ".join(accepted), via)
+            self._notify("route_learned", accepted, via)
+

@@ -1,0 +1,1282 @@
+"""Sans-IO TCP connection: one RFC 9293 state machine, driven only by method calls.
+
+Theory of operation
+-------------------
+Like aioquic's `QuicConnection`, a `TCPConnection` does no I/O and reads no clock. The
+owner feeds it received segments (`receive_segment`), application calls (`send`, `read`,
+`shutdown_write`, `close`, `abort`) and timer expiries (`handle_timer`), each with the
+current time `now` in seconds. After any of these it collects the results:
+
+- `segments_to_send(now)`: segments to put on the wire (addresses are the owner's job);
+- `get_timer()`: the earliest deadline at which `handle_timer` must be called;
+- `next_event()`: `Established`, `DataAvailable`, `EOFReceived`, `Writable`,
+  `ConnectionReset`, `ConnectionClosed` (the last one: the connection may be forgotten).
+
+State changes all go through `state.next_state` (the transition table). Input processing
+follows RFC 9293 §3.10.7.4 step by step; a fast path for in-order data and pure ACKs in
+ESTABLISHED comes first because that is nearly every segment of a bulk transfer.
+
+Buffers: the send buffer is a bytearray holding everything from SND.UNA on (sent and
+unsent); acknowledged bytes are deleted from the front (cheap in CPython). The receive
+buffer is a bytearray of in-order bytes not yet read; out-of-order segments wait in a
+small sorted list. Both are bounded by `TCPConfig`.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections import deque
+from dataclasses import dataclass
+
+from .events import (
+    CloseReason,
+    ConnectionClosed,
+    ConnectionReset,
+    DataAvailable,
+    EOFReceived,
+    Established,
+    Event,
+    Writable,
+)
+from .packets import ACK, FIN, PSH, RST, SYN, Segment
+from .recovery import NewReno, RTOEstimator, SackScoreboard
+from .state import (
+    APP_CAN_SEND,
+    RECEIVING,
+    SENDING,
+    SYNCHRONIZED,
+    Input,
+    TCPState,
+    TCPStateError,
+    next_state,
+)
+
+__all__ = ["TCPConfig", "TCPConnection", "TCPStateError"]
+
+log = logging.getLogger(__name__)
+
+MASK = 0xFFFFFFFF
+HALF = 0x80000000
+
+CLOSED = TCPState.CLOSED
+SYN_SENT = TCPState.SYN_SENT
+SYN_RECEIVED = TCPState.SYN_RECEIVED
+ESTABLISHED = TCPState.ESTABLISHED
+FIN_WAIT_1 = TCPState.FIN_WAIT_1
+FIN_WAIT_2 = TCPState.FIN_WAIT_2
+CLOSE_WAIT = TCPState.CLOSE_WAIT
+CLOSING = TCPState.CLOSING
+LAST_ACK = TCPState.LAST_ACK
+TIME_WAIT = TCPState.TIME_WAIT
+
+DEFAULT_MSS = 65495  # 65535 (largest IPv4 datagram, link MTU 65536) - 20 (IP) - 20 (TCP)
+DEFAULT_PEER_MSS = 536  # RFC 9293 §3.7.1: assumed when the SYN has no MSS option
+_TS_OPT_LEN = 12  # timestamps option, padded (RFC 7323 §3)
+_MAX_WSCALE = 14  # RFC 7323 §2.3
+
+_ESTABLISHED_EVENT = Established()
+_DATA_EVENT = DataAvailable()
+_EOF_EVENT = EOFReceived()
+_WRITABLE_EVENT = Writable()
+
+Address = tuple[str, int]
+
+
+def _sdiff(a: int, b: int) -> int:
+    """Signed `a - b` modulo 2**32 (see seq.py).
+
+    Hot paths spell out `((a - b + HALF) & MASK) - HALF` instead: a call costs more
+    than the arithmetic.
+    """
+    return ((a - b + HALF) & MASK) - HALF
+
+
+@dataclass(frozen=True)
+class TCPConfig:
+    """Per-connection tunables; defaults suit a stdio link (no real congestion, RTT in ms)."""
+
+    mss: int = DEFAULT_MSS
+    send_buffer: int = 2 * 1024 * 1024
+    recv_buffer: int = 2 * 1024 * 1024
+    nagle: bool = True
+    time_wait: float = 1.0  # RFC 9293 says 2*MSL; a stdio link reorders nothing for long
+    initial_rto: float = 1.0  # RFC 6298 §2.1
+    min_rto: float = 0.2
+    max_rto: float = 60.0
+    delayed_ack: float = 0.04  # RFC 9293 §3.8.6.3 allows up to 0.5 s; we stay short
+    max_retries: int = 12  # data retransmissions before ConnectionClosed(timeout)
+    syn_retries: int = 6  # SYN / SYN-ACK retransmissions before giving up
+    window_scaling: bool = True  # RFC 7323 §2
+    sack: bool = True  # RFC 2018
+    timestamps: bool = True  # RFC 7323 §3 (echoed; RTT is measured by timing segments)
+    challenge_ack_limit: int = 10  # per second, RFC 5961 §7
+    persist_max: float = 60.0  # cap for the zero-window probe interval
+
+    def __post_init__(self) -> None:
+        if not 64 <= self.mss <= DEFAULT_MSS:
+            raise ValueError(f"TCPConfig.mss must be 64..{DEFAULT_MSS}, got {self.mss}")
+        if self.send_buffer < 1 or self.recv_buffer < 1:
+            raise ValueError("TCPConfig.send_buffer and recv_buffer must be positive")
+        if self.recv_buffer > 65535 << _MAX_WSCALE:
+            raise ValueError(f"TCPConfig.recv_buffer must be at most {65535 << _MAX_WSCALE}")
+
+
+def _wscale_for(bufsize: int) -> int:
+    """Smallest shift that lets the 16-bit window field cover the receive buffer."""
+    shift = 0
+    while (65535 << shift) < bufsize and shift < _MAX_WSCALE:
+        shift += 1
+    return shift
+
+
+class TCPConnection:
+    """One TCP connection, sans-IO (see the module docstring for how to drive it)."""
+
+    __slots__ = (
+        "_ack_now",
+        "_app_closed",
+        "_cc",
+        "_challenge_count",
+        "_challenge_start",
+        "_data_event_queued",
+        "_delack_deadline",
+        "_eof",
+        "_events",
+        "_fin_queued",
+        "_fin_seq",
+        "_force_small",
+        "_last_ooo",
+        "_lport",
+        "_nagle",
+        "_ooo",
+        "_ooo_fin",
+        "_out",
+        "_persist_backoff",
+        "_persist_deadline",
+        "_rbuf",
+        "_rcv_adv",
+        "_rcv_wscale",
+        "_rcvbufsize",
+        "_retries",
+        "_rexmit_budget",
+        "_rexmit_next",
+        "_rmss",
+        "_rport",
+        "_rto",
+        "_rto_deadline",
+        "_rtt_seq",
+        "_rtt_time",
+        "_sack",
+        "_sack_ok",
+        "_sbuf",
+        "_sbuf_start",
+        "_segs_unacked",
+        "_smss",
+        "_snd_wscale",
+        "_sndbufsize",
+        "_syn_needed",
+        "_ts_offset",
+        "_ts_ok",
+        "_ts_recent",
+        "_tw_deadline",
+        "_want_writable",
+        "_ws_ok",
+        "config",
+        "irs",
+        "iss",
+        "local",
+        "max_snd_wnd",
+        "rcv_nxt",
+        "remote",
+        "snd_max",
+        "snd_nxt",
+        "snd_una",
+        "snd_wl1",
+        "snd_wl2",
+        "snd_wnd",
+        "state",
+    )
+
+    def __init__(
+        self, local: Address, remote: Address, now: float, config: TCPConfig, isn: int | None
+    ) -> None:
+        """Use `connect()` or `accept()`; this only fills in a CLOSED connection."""
+        self.config = config
+        self.local = local
+        self.remote = remote
+        self._lport = local[1]
+        self._rport = remote[1]
+        self.state = CLOSED
+        iss = secrets.randbits(32) if isn is None else isn & MASK  # RFC 9293 §3.4.1
+        self.iss = iss
+        self.snd_una = iss
+        self.snd_nxt = iss
+        self.snd_max = iss
+        self.snd_wnd = 0
+        self.snd_wl1 = 0
+        self.snd_wl2 = 0
+        self.max_snd_wnd = 0
+        self.irs = 0
+        self.rcv_nxt = 0
+        self._rcv_adv = 0
+        self._sbuf = bytearray()
+        self._sbuf_start = (iss + 1) & MASK
+        self._sndbufsize = config.send_buffer
+        self._rcvbufsize = config.recv_buffer
+        self._rbuf = bytearray()
+        self._ooo: list[tuple[int, bytes]] = []
+        self._ooo_fin: int | None = None
+        self._last_ooo = 0
+        self._fin_queued = False
+        self._eof = False
+        self._force_small = False
+        self._ws_ok = False
+        self._fin_seq = 0
+        self._app_closed = False
+        self._rmss = config.mss
+        self._smss = DEFAULT_PEER_MSS
+        self._snd_wscale = 0
+        self._rcv_wscale = 0
+        self._sack_ok = False
+        self._ts_ok = False
+        self._ts_recent = 0
+        self._ts_offset = secrets.randbits(32)  # RFC 7323 §5.4: per-connection offset
+        self._rto = RTOEstimator(config.initial_rto, config.min_rto, config.max_rto)
+        self._cc = NewReno(DEFAULT_PEER_MSS, iss)
+        self._sack = SackScoreboard()
+        self._rexmit_next = iss
+        self._rexmit_budget = 0
+        self._rtt_seq: int | None = None
+        self._rtt_time = 0.0
+        self._retries = 0
+        self._rto_deadline: float | None = None
+        self._persist_deadline: float | None = None
+        self._persist_backoff = 0
+        self._delack_deadline: float | None = None
+        self._tw_deadline: float | None = None
+        self._ack_now = False
+        self._segs_unacked = 0
+        self._syn_needed = False
+        self._out: list[Segment] = []
+        self._events: deque[Event] = deque()
+        self._data_event_queued = False
+        self._want_writable = False
+        self._nagle = config.nagle
+        self._challenge_count = 0
+        self._challenge_start = now
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def connect(
+        cls,
+        local: Address,
+        remote: Address,
+        now: float,
+        config: TCPConfig | None = None,
+        isn: int | None = None,
+    ) -> TCPConnection:
+        """Active open (RFC 9293 §3.10.1): the SYN is in the next `segments_to_send`."""
+        conn = cls(local, remote, now, config or TCPConfig(), isn)
+        conn._transition(Input.ACTIVE_OPEN)
+        conn._syn_needed = True
+        return conn
+
+    @classmethod
+    def accept(
+        cls,
+        local: Address,
+        remote: Address,
+        syn: Segment,
+        now: float,
+        config: TCPConfig | None = None,
+        isn: int | None = None,
+    ) -> TCPConnection:
+        """Passive open from a received SYN (RFC 9293 §3.10.7.2, LISTEN state).
+
+        The SYN-ACK is in the next `segments_to_send`. Data on the SYN is queued and
+        acknowledged; it becomes readable once the handshake completes.
+        """
+        if not syn.flags & SYN or syn.flags & (ACK | RST):
+            raise TCPStateError(
+                f"accept() from {remote[0]}:{remote[1]} needs a bare SYN, got flags "
+                f"{syn.flags:#04x}"
+            )
+        conn = cls(local, remote, now, config or TCPConfig(), isn)
+        conn._transition(Input.PASSIVE_OPEN)
+        conn._transition(Input.RCV_SYN)
+        conn._take_syn(syn)
+        conn.snd_wnd = syn.window  # never scaled in a SYN (RFC 7323 §2.2)
+        conn.max_snd_wnd = syn.window
+        conn.snd_wl1 = syn.seq
+        conn._syn_needed = True
+        payload = syn.payload
+        if payload:
+            n = min(len(payload), conn._rcvbufsize)
+            conn._rbuf += payload[:n]
+            conn.rcv_nxt = (conn.rcv_nxt + n) & MASK
+        return conn
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def bytes_in_send_buffer(self) -> int:
+        """Bytes queued by `send()` and not yet acknowledged by the peer."""
+        return len(self._sbuf)
+
+    @property
+    def readable_bytes(self) -> int:
+        """In-order bytes waiting for `read()`."""
+        return len(self._rbuf)
+
+    @property
+    def send_buffer_free(self) -> int:
+        return max(0, self._sndbufsize - len(self._sbuf))
+
+    @property
+    def eof_received(self) -> bool:
+        """The peer's FIN has been reached in sequence."""
+        return self._eof
+
+    @property
+    def nodelay(self) -> bool:
+        return not self._nagle
+
+    def set_nodelay(self, on: bool) -> None:
+        """Disable (True) or re-enable (False) Nagle's algorithm (RFC 9293 §3.7.4)."""
+        self._nagle = not on
+
+    # ------------------------------------------------------------------ application calls
+
+    def send(self, data: bytes | bytearray | memoryview, now: float) -> int:
+        """Queue bytes for sending; returns how many fit in the send buffer.
+
+        When fewer than `len(data)` were taken, a `Writable` event follows once the peer
+        acknowledges data and room frees up.
+        """
+        if self.state not in APP_CAN_SEND or self._fin_queued:
+            raise TCPStateError(
+                f"cannot send to {self.remote[0]}:{self.remote[1]}: connection is "
+                f"{self.state.value}{' and shut down for writing' if self._fin_queued else ''}"
+            )
+        sbuf = self._sbuf
+        room = self._sndbufsize - len(sbuf)
+        n = len(data)
+        if n > room:
+            n = max(room, 0)
+            self._want_writable = True
+            if n == 0:
+                return 0
+            data = memoryview(data)[:n]
+        sbuf += data
+        return n
+
+    def read(self, max_bytes: int, now: float) -> bytes:
+        """Take up to `max_bytes` in-order bytes; b"" when none are buffered.
+
+        Reading opens the receive window; a window update is sent when it grows enough
+        to matter (receiver SWS avoidance, RFC 9293 §3.8.6.2.2).
+        """
+        rbuf = self._rbuf
+        have = len(rbuf)
+        if have == 0 or max_bytes <= 0:
+            return b""
+        if max_bytes >= have:
+            data = bytes(rbuf)
+            rbuf.clear()
+        else:
+            with memoryview(rbuf) as mv:
+                data = mv[:max_bytes].tobytes()
+            del rbuf[:max_bytes]
+        if self.state in RECEIVING and self.state is not SYN_RECEIVED:
+            adv = ((self._rcv_adv - self.rcv_nxt + HALF) & MASK) - HALF
+            free = self._rcvbufsize - len(rbuf)
+            grow = free - max(adv, 0)
+            bufsize = self._rcvbufsize
+            rmss = self._rmss
+            threshold = min(bufsize // 2, 2 * rmss if adv >= rmss else rmss)
+            if grow >= threshold:
+                self._ack_now = True
+        return data
+
+    def shutdown_write(self, now: float) -> None:
+        """Send FIN after all queued data (RFC 9293 §3.10.4 CLOSE); reading continues."""
+        if self._fin_queued:
+            return
+        st = self.state
+        if st not in APP_CAN_SEND:
+            if st is CLOSED:
+                return
+            raise TCPStateError(f"cannot shut down writing in state {st.value}")
+        self._fin_queued = True
+        self._fin_seq = (self._sbuf_start + len(self._sbuf)) & MASK
+        if st is ESTABLISHED or st is CLOSE_WAIT:
+            self._transition(Input.APP_SHUTDOWN)
+        # In SYN-SENT/SYN-RECEIVED the FIN waits for ESTABLISHED (RFC 9293 §3.10.4).
+
+    def close(self, now: float) -> None:
+        """The application is done reading and writing.
+
+        Unread data, or data arriving later, resets the connection as RFC 1122 §4.2.2.13
+        asks, so the peer learns its data was not consumed.
+        """
+        st = self.state
+        if st is CLOSED:
+            return
+        if st is SYN_SENT and not self._sbuf:
+            self._transition(Input.APP_CLOSE_EARLY)
+            self._finish(CloseReason.NORMAL)
+            return
+        self._app_closed = True
+        if self._rbuf:
+            self.abort(now)
+            return
+        if st in APP_CAN_SEND:
+            self.shutdown_write(now)
+
+    def abort(self, now: float) -> None:
+        """Reset the connection (RFC 9293 §3.10.5 ABORT): RST out, CLOSED, reason reset."""
+        st = self.state
+        if st is CLOSED:
+            return
+        if st is not SYN_SENT and st is not TIME_WAIT:
+            seq = self.snd_max if st is not SYN_RECEIVED else self.snd_nxt
+            self._out.append(self._make(seq, RST | ACK, b"", now))
+        self._transition(Input.APP_ABORT)
+        self._finish(CloseReason.RESET)
+
+    # ------------------------------------------------------------------ outputs
+
+    def next_event(self) -> Event | None:
+        events = self._events
+        if not events:
+            return None
+        ev = events.popleft()
+        if ev is _DATA_EVENT:
+            self._data_event_queued = False
+        return ev
+
+    def get_timer(self) -> float | None:
+        """Earliest deadline (RTO, persist, delayed ACK or TIME-WAIT), None if none."""
+        best = self._rto_deadline
+        for t in (self._persist_deadline, self._delack_deadline, self._tw_deadline):
+            if t is not None and (best is None or t < best):
+                best = t
+        return best
+
+    def handle_timer(self, now: float) -> None:
+        """Run every timer whose deadline is at or before `now`."""
+        t = self._tw_deadline
+        if t is not None and t <= now:
+            self._tw_deadline = None
+            self._transition(Input.TIME_WAIT_EXPIRED)
+            self._finish(CloseReason.NORMAL)
+            return
+        t = self._rto_deadline
+        if t is not None and t <= now:
+            self._rto_deadline = None
+            self._on_rto(now)
+            if self.state is CLOSED:
+                return
+        t = self._persist_deadline
+        if t is not None and t <= now:
+            self._persist_deadline = None
+            self._on_persist(now)
+        t = self._delack_deadline
+        if t is not None and t <= now:
+            self._delack_deadline = None
+            self._ack_now = True
+
+    def segments_to_send(self, now: float) -> list[Segment]:
+        """Everything to transmit now: control segments, (re)transmissions, ACKs."""
+        out = self._out
+        if out:
+            self._out = []
+        else:
+            out = []
+        st = self.state
+        if st is CLOSED:
+            return out
+        if self._syn_needed or (st is SYN_RECEIVED and self._ack_now):
+            # In SYN-RECEIVED every answer is the SYN-ACK (RFC 9293 §3.10.7.4).
+            self._syn_needed = False
+            out.append(self._make_syn(now))
+        elif st in SENDING:
+            self._output_data(now, out)
+        if self._ack_now and st is not SYN_SENT:
+            out.append(self._make(self.snd_nxt, ACK, b"", now))
+        return out
+
+    # ------------------------------------------------------------------ segment building
+
+    def _make(self, seq: int, flags: int, payload: bytes, now: float) -> Segment:
+        """A segment carrying our current ACK, window, timestamps and SACK blocks."""
+        # Window (RFC 9293 §3.8.6.2.2 receiver SWS avoidance; never shrink the right
+        # edge, §3.8.6). Offers grow only in steps of min(buffer/2, MSS).
+        rcv_nxt = self.rcv_nxt
+        adv = ((self._rcv_adv - rcv_nxt + HALF) & MASK) - HALF
+        if adv < 0:
+            adv = 0
+        free = self._rcvbufsize - len(self._rbuf)
+        if free > adv and free - adv < min(self._rcvbufsize >> 1, self._rmss):
+            free = adv
+        wnd = free if free > adv else adv
+        ws = self._rcv_wscale
+        field = (wnd + (1 << ws) - 1) >> ws if ws else wnd
+        if field > 65535:
+            field = 65535
+        self._rcv_adv = (rcv_nxt + (field << ws)) & MASK
+        seg = Segment(self._lport, self._rport, seq, rcv_nxt, flags, field, payload)
+        if self._ts_ok:
+            seg.ts_val = (int(now * 1000) + self._ts_offset) & MASK
+            seg.ts_ecr = self._ts_recent
+        if self._ooo and self._sack_ok:
+            seg.sack_blocks = self._sack_blocks()
+        if flags & ACK:
+            self._ack_now = False
+            self._delack_deadline = None
+            self._segs_unacked = 0
+        return seg
+
+    def _make_syn(self, now: float) -> Segment:
+        """SYN (active open) or SYN-ACK, with options (RFC 9293 §3.7.1, RFC 7323, 2018)."""
+        cfg = self.config
+        st = self.state
+        win = min(self._rcvbufsize, 65535)  # the window of a SYN is never scaled
+        if st is SYN_SENT:
+            seg = Segment(self._lport, self._rport, self.iss, 0, SYN, win)
+            seg.mss = self._rmss
+            if cfg.window_scaling:
+                seg.wscale = _wscale_for(self._rcvbufsize)
+            seg.sack_permitted = cfg.sack
+            if cfg.timestamps:
+                seg.ts_val = (int(now * 1000) + self._ts_offset) & MASK
+                seg.ts_ecr = 0
+        else:
+            win = min(max(self._rcvbufsize - len(self._rbuf), 0), 65535)
+            self._rcv_adv = (self.rcv_nxt + win) & MASK
+            seg = Segment(self._lport, self._rport, self.iss, self.rcv_nxt, SYN | ACK, win)
+            seg.mss = self._rmss
+            if self._ws_ok:
+                seg.wscale = self._rcv_wscale
+            seg.sack_permitted = self._sack_ok
+            if self._ts_ok:
+                seg.ts_val = (int(now * 1000) + self._ts_offset) & MASK
+                seg.ts_ecr = self._ts_recent
+            self._ack_now = False
+            self._delack_deadline = None
+        self.snd_nxt = (self.iss + 1) & MASK
+        if self.snd_max == self.iss:
+            self.snd_max = self.snd_nxt
+        if self._rto_deadline is None:
+            self._rto_deadline = now + self._rto.rto
+        if self._retries == 0 and self._rtt_seq is None:
+            self._rtt_seq = self.iss
+            self._rtt_time = now
+        return seg
+
+    def _sack_blocks(self) -> tuple[tuple[int, int], ...]:
+        """Up to 3 (4 without timestamps) SACK blocks, most recent first (RFC 2018 §4)."""
+        merged: list[list[int]] = []
+        for s, d in self._ooo:
+            e = (s + len(d)) & MASK
+            if merged and (((s) - (merged[-1][1]) + HALF) & MASK) - HALF <= 0:
+                if (((e) - (merged[-1][1]) + HALF) & MASK) - HALF > 0:
+                    merged[-1][1] = e
+            else:
+                merged.append([s, e])
+        limit = 3 if self._ts_ok else 4
+        last = self._last_ooo
+        first = [
+            b
+            for b in merged
+            if (((b[0]) - (last) + HALF) & MASK) - HALF
+            <= 0
+            < (((b[1]) - (last) + HALF) & MASK) - HALF
+        ]
+        rest = [b for b in merged if not first or b is not first[0]]
+        blocks = [(b[0], b[1]) for b in first + rest]
+        return tuple(blocks[:limit])
+
+    def _max_payload(self) -> int:
+        """Payload bytes per segment: peer MSS less our options (RFC 6691)."""
+        n = self._smss
+        if self._ts_ok:
+            n -= _TS_OPT_LEN
+        if self._ooo and self._sack_ok:
+            n -= 4 + 8 * min(len(self._ooo), 3 if self._ts_ok else 4)
+        return n
+
+    # ------------------------------------------------------------------ sending data
+
+    def _output_data(self, now: float, out: list[Segment]) -> None:
+        """Retransmissions first, then new data within min(cwnd, peer window)."""
+        sbuf = self._sbuf
+        base = self._sbuf_start
+        data_end = (base + len(sbuf)) & MASK
+        if (
+            self.snd_nxt == data_end
+            and self._rexmit_budget <= 0
+            and (not self._fin_queued or self._fin_seq != data_end)
+        ):
+            return  # nothing new, nothing to repair: the common idle case
+        maxpay = self._max_payload()
+        if self._rexmit_budget > 0:
+            self._output_rexmit(now, out, maxpay)
+        una = self.snd_una
+        fin_queued = self._fin_queued
+        fin_seq = self._fin_seq
+        cwnd = self._cc.cwnd
+        snd_wnd = self.snd_wnd
+        wnd = cwnd if cwnd < snd_wnd else snd_wnd
+        while True:
+            nxt = self.snd_nxt
+            unsent = ((data_end - nxt + HALF) & MASK) - HALF
+            if unsent <= 0:
+                if fin_queued and nxt == fin_seq:
+                    # FIN alone; it needs no window (RFC 9293 §3.10.4).
+                    out.append(self._make(nxt, FIN | ACK, b"", now))
+                    self._advance_snd_nxt((nxt + 1) & MASK, now)
+                break
+            in_flight = ((nxt - una + HALF) & MASK) - HALF
+            usable = wnd - in_flight
+            n = unsent
+            if n > maxpay:
+                n = maxpay
+            if n > usable:
+                n = usable
+            if n <= 0:
+                if snd_wnd <= in_flight and in_flight == 0:
+                    self._arm_persist(now)
+                break
+            if n < unsent and n < maxpay:
+                # Sender SWS avoidance (RFC 9293 §3.8.6.2.1): wait for a useful window,
+                # unless the persist timer ran out (the "override timeout").
+                if n < (self.max_snd_wnd >> 1) and not self._force_small:
+                    if in_flight == 0:
+                        self._arm_persist(now)
+                    break
+                self._force_small = False
+            elif (
+                n == unsent
+                and n < maxpay
+                and self._nagle
+                and in_flight > 0
+                and not fin_queued
+                and ((nxt - self.snd_max + HALF) & MASK) - HALF >= 0
+            ):
+                break  # Nagle (RFC 9293 §3.7.4): one small segment in flight at a time
+            off = (nxt - base) & MASK
+            with memoryview(sbuf) as mv:
+                payload = mv[off : off + n].tobytes()
+            end = (nxt + n) & MASK
+            flags = ACK
+            if n == unsent:
+                flags |= PSH
+                if fin_queued and end == fin_seq:
+                    flags |= FIN
+                    end = (end + 1) & MASK
+            out.append(self._make(nxt, flags, payload, now))
+            self._advance_snd_nxt(end, now)
+
+    def _advance_snd_nxt(self, end: int, now: float) -> None:
+        """Bookkeeping after transmitting up to `end`: SND.MAX, RTT timing, RTO timer."""
+        self.snd_nxt = end
+        if ((end - self.snd_max + HALF) & MASK) - HALF > 0:
+            if self._rtt_seq is None:
+                self._rtt_seq = self.snd_max  # time this segment (RFC 6298 §3)
+                self._rtt_time = now
+            self.snd_max = end
+        if self._rto_deadline is None:
+            self._rto_deadline = now + self._rto.rto  # RFC 6298 §5.1
+            self._persist_deadline = None
+
+    def _output_rexmit(self, now: float, out: list[Segment], maxpay: int) -> None:
+        """Fast retransmit / NewReno / SACK-hole retransmissions (RFC 5681, 6582, 2018)."""
+        una = self.snd_una
+        sbuf = self._sbuf
+        base = self._sbuf_start
+        data_end = (base + len(sbuf)) & MASK
+        while self._rexmit_budget > 0:
+            start = self._rexmit_next
+            if ((start - una + HALF) & MASK) - HALF < 0:
+                start = una
+            hole: tuple[int, int] | None
+            if self._sack.ranges:
+                hole = self._sack.next_hole(start, una)
+            else:
+                hole = (una, self.snd_max) if start == una else None
+            if hole is None:
+                self._rexmit_budget = 0
+                return
+            s, e = hole
+            n = min(
+                maxpay,
+                ((e - s + HALF) & MASK) - HALF,
+                max(((data_end - s + HALF) & MASK) - HALF, 0),
+            )
+            flags = ACK
+            end = (s + n) & MASK
+            fin_sent = (
+                self._fin_queued and ((self.snd_max - self._fin_seq + HALF) & MASK) - HALF > 0
+            )
+            if fin_sent and end == self._fin_seq and ((e - end + HALF) & MASK) - HALF > 0:
+                flags |= FIN
+            elif n <= 0:
+                self._rexmit_budget = 0
+                return
+            off = (s - base) & MASK
+            with memoryview(sbuf) as mv:
+                payload = mv[off : off + n].tobytes()
+            out.append(self._make(s, flags, payload, now))
+            self._rexmit_next = (end + (1 if flags & FIN else 0)) & MASK
+            self._rexmit_budget -= 1
+            self._rtt_seq = None  # Karn: nothing in flight now is a clean sample
+            if self._rto_deadline is None:
+                self._rto_deadline = now + self._rto.rto
+
+    def _arm_persist(self, now: float) -> None:
+        """Zero-window probing (RFC 9293 §3.8.6.1) when nothing is in flight."""
+        if self._persist_deadline is None and self._rto_deadline is None:
+            interval = self._rto.rto * (1 << min(self._persist_backoff, 16))
+            self._persist_deadline = now + min(interval, self.config.persist_max)
+
+    def _on_persist(self, now: float) -> None:
+        """Send a window probe; the peer must answer it with its current window.
+
+        The probe is an old sequence number with no data (SND.UNA - 1), which any TCP
+        answers with an ACK (RFC 9293 §3.10.7.4) without our having to commit a byte
+        beyond the offered window.
+        """
+        if self.state not in SENDING:
+            return
+        unsent = _sdiff((self._sbuf_start + len(self._sbuf)) & MASK, self.snd_nxt)
+        if unsent <= 0 or ((self.snd_nxt - self.snd_una + HALF) & MASK) - HALF > 0:
+            self._persist_backoff = 0
+            return
+        if self.snd_wnd > 0:
+            self._force_small = True  # SWS override: send what the small window takes
+        else:
+            self._out.append(self._make((self.snd_una - 1) & MASK, ACK, b"", now))
+        self._persist_backoff += 1
+        self._arm_persist(now)
+
+    def _on_rto(self, now: float) -> None:
+        """Retransmission timeout (RFC 6298 §5.4-5.7, RFC 5681 §3.1)."""
+        st = self.state
+        cfg = self.config
+        self._retries += 1
+        if st is SYN_SENT or st is SYN_RECEIVED:
+            if self._retries > cfg.syn_retries:
+                self._give_up(now)
+                return
+            self._rto.backoff()
+            self._rtt_seq = None
+            self._syn_needed = True
+            return
+        if st not in SENDING or self.snd_una == self.snd_max:
+            return
+        if self._retries > cfg.max_retries:
+            self._give_up(now)
+            return
+        flight = ((self.snd_max - self.snd_una + HALF) & MASK) - HALF
+        self._cc.on_timeout(self.snd_max, flight)
+        self._rto.backoff()
+        self._rtt_seq = None
+        self._sack.clear()  # RFC 2018 §8: the receiver may have reneged
+        self._rexmit_budget = 0
+        self.snd_nxt = self.snd_una  # go back N; the output loop resends from SND.UNA
+        self._rto_deadline = now + self._rto.rto
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("RTO %r rto=%.3f retries=%d", self, self._rto.rto, self._retries)
+
+    def _give_up(self, now: float) -> None:
+        """User timeout (RFC 9293 §3.8.3): too many retransmissions."""
+        if self.state in SYNCHRONIZED or self.state is SYN_RECEIVED:
+            self._out.append(self._make(self.snd_max, RST | ACK, b"", now))
+        self._transition(Input.GIVE_UP)
+        self._finish(CloseReason.TIMEOUT)
+
+    # ------------------------------------------------------------------ receiving
+
+    def receive_segment(self, seg: Segment, now: float) -> None:
+        """Process one segment addressed to this connection (RFC 9293 §3.10.7)."""
+        st = self.state
+        flags = seg.flags
+        # Fast path (header prediction): ESTABLISHED, only ACK (+PSH), in order.
+        if (
+            st is ESTABLISHED
+            and (flags & (SYN | FIN | RST | ACK)) == ACK
+            and seg.seq == self.rcv_nxt
+            and not self._ooo
+        ):
+            if self._ts_ok and seg.ts_val is not None:
+                self._ts_recent = seg.ts_val  # RFC 7323 §4.3 (SEG.SEQ == Last.ACK.sent)
+            if not self._process_ack(seg, now):
+                return
+            payload = seg.payload
+            n = len(payload)
+            if n:
+                room = ((self._rcv_adv - self.rcv_nxt + HALF) & MASK) - HALF
+                if n <= room and not self._app_closed:
+                    self._rbuf += payload
+                    self.rcv_nxt = (self.rcv_nxt + n) & MASK
+                    self._data_arrived()
+                    self._segs_unacked += 1
+                    if (
+                        self._segs_unacked >= 2
+                        or ((self._rcv_adv - self.rcv_nxt + HALF) & MASK) - HALF < 2 * n
+                    ):
+                        # Every second segment (RFC 9293 §3.8.6.3), or at once when the
+                        # sender has too little window left to send two more like it.
+                        self._ack_now = True
+                    elif self._delack_deadline is None:
+                        self._delack_deadline = now + self.config.delayed_ack
+                    return
+                self._rcv_text(seg.seq, payload, False, now)
+            return
+        if st is SYN_SENT:
+            self._rcv_syn_sent(seg, now)
+            return
+        if st is CLOSED:
+            self._reply_rst(seg, now)
+            return
+        self._rcv_general(seg, now)
+
+    def _reply_rst(self, seg: Segment, now: float) -> None:
+        """RST for a segment that has no connection (RFC 9293 §3.10.7.1)."""
+        if seg.flags & RST:
+            return
+        if seg.flags & ACK:
+            rst = Segment(self._lport, self._rport, seg.ack, 0, RST, 0)
+        else:
+            seglen = (
+                len(seg.payload) + (1 if seg.flags & SYN else 0) + (1 if seg.flags & FIN else 0)
+            )
+            rst = Segment(self._lport, self._rport, 0, (seg.seq + seglen) & MASK, RST | ACK, 0)
+        self._out.append(rst)
+
+    def _take_syn(self, seg: Segment) -> None:
+        """Record IRS and negotiate options from the peer's SYN / SYN-ACK."""
+        cfg = self.config
+        self.irs = seg.seq
+        self.rcv_nxt = (seg.seq + 1) & MASK
+        peer_mss = seg.mss if seg.mss else DEFAULT_PEER_MSS
+        self._smss = max(64, min(peer_mss, cfg.mss))
+        ts = cfg.timestamps and seg.ts_val is not None
+        self._cc.set_smss(self._smss - (_TS_OPT_LEN if ts else 0))
+        if cfg.window_scaling and seg.wscale is not None:
+            self._snd_wscale = min(seg.wscale, _MAX_WSCALE)
+            self._rcv_wscale = _wscale_for(self._rcvbufsize)
+            self._ws_ok = True
+        self._sack_ok = cfg.sack and seg.sack_permitted
+        if cfg.timestamps and seg.ts_val is not None:
+            self._ts_ok = True
+            self._ts_recent = seg.ts_val
+
+    def _rcv_syn_sent(self, seg: Segment, now: float) -> None:
+        """SYN-SENT processing (RFC 9293 §3.10.7.3)."""
+        flags = seg.flags
+        if flags & ACK and (
+            ((seg.ack - self.iss + HALF) & MASK) - HALF <= 0
+            or ((seg.ack - self.snd_max + HALF) & MASK) - HALF > 0
+        ):
+            if not flags & RST:
+                self._out.append(Segment(self._lport, self._rport, seg.ack, 0, RST, 0))
+            return
+        if flags & RST:
+            if flags & ACK:  # acceptable ACK: the peer refuses
+                self._transition(Input.RCV_RST)
+                self._finish(CloseReason.REFUSED)
+            return
+        if not flags & SYN:
+            return
+        self._take_syn(seg)
+        if flags & ACK:
+            self._transition(Input.RCV_SYN_ACK)
+            self._rto_deadline = None
+            if self._rtt_seq is not None and self._retries == 0:
+                self._rto.sample(now - self._rtt_time)
+            self._rtt_seq = None
+            self._retries = 0
+            self.snd_una = seg.ack
+            self.snd_nxt = seg.ack
+            self.snd_wnd = seg.window  # unscaled in a SYN-ACK (RFC 7323 §2.2)
+            self.max_snd_wnd = seg.window
+            self.snd_wl1 = seg.seq
+            self.snd_wl2 = seg.ack
+            self._rcv_adv = (self.rcv_nxt + min(self._rcvbufsize, 65535)) & MASK
+            self._on_established()
+            self._ack_now = True
+            if seg.payload or flags & FIN:
+                self._rcv_text((seg.seq + 1) & MASK, seg.payload, bool(flags & FIN), now)
+        else:
+            # Simultaneous open (RFC 9293 §3.5, Figure 8): answer with SYN-ACK.
+            self._transition(Input.RCV_SYN)
+            self.snd_wnd = seg.window
+            self.max_snd_wnd = seg.window
+            self.snd_wl1 = seg.seq
+            self._syn_needed = True
+
+    def _on_established(self) -> None:
+        self._events.append(_ESTABLISHED_EVENT)
+        if self._rbuf:
+            self._data_arrived()
+        if self._fin_queued:
+            self._transition(Input.APP_SHUTDOWN)
+
+    def _data_arrived(self) -> None:
+        if not self._data_event_queued and self.state is not SYN_RECEIVED:
+            self._data_event_queued = True
+            self._events.append(_DATA_EVENT)
+
+    def _challenge_ack(self, now: float) -> None:
+        """RFC 5961 §3.2/§4.2: answer a suspicious RST/SYN with an ACK, rate-limited."""
+        if now - self._challenge_start >= 1.0:
+            self._challenge_start = now
+            self._challenge_count = 0
+        if self._challenge_count < self.config.challenge_ack_limit:
+            self._challenge_count += 1
+            self._out.append(self._make(self.snd_nxt, ACK, b"", now))
+
+    def _rcv_general(self, seg: Segment, now: float) -> None:
+        """Every state after SYN-SENT, in RFC 9293 §3.10.7.4 order."""
+        flags = seg.flags
+        payload = seg.payload
+        plen = len(payload)
+        seq = seg.seq
+        rcv_nxt = self.rcv_nxt
+        st = self.state
+        if flags & SYN and st is SYN_RECEIVED and seq == self.irs:
+            if not flags & ACK:
+                self._syn_needed = True  # the peer's SYN again: our SYN-ACK was lost
+                return
+            # Simultaneous open (RFC 9293 Figure 8): the SYN part is old, keep the rest.
+            seq = (seq + 1) & MASK
+            flags &= ~SYN
+        # First: sequence number check.
+        wnd = ((self._rcv_adv - rcv_nxt + HALF) & MASK) - HALF
+        if wnd < 0:
+            wnd = 0
+        off = ((seq - rcv_nxt + HALF) & MASK) - HALF
+        seglen = plen + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
+        if off != 0:
+            ok = 0 <= off < wnd if seglen == 0 else off + seglen > 0 and off < wnd
+            if not ok:
+                if flags & RST:
+                    return
+                if st is TIME_WAIT and flags & FIN:
+                    self._tw_deadline = now + self.config.time_wait  # RFC 9293 §3.10.7.4
+                if flags & SYN and st in SYNCHRONIZED:
+                    self._challenge_ack(now)
+                    return
+                self._ack_now = True
+                if off + seglen <= 0 and flags & ACK and st in SYNCHRONIZED:
+                    # Entirely old (a retransmission, or an ACK sent from a SND.NXT that
+                    # went back after a timeout): drop the text but keep the ACK, as BSD
+                    # does; otherwise two such senders never hear each other's ACKs.
+                    self._process_ack(seg, now)
+                return
+        tsv = seg.ts_val
+        if (
+            self._ts_ok
+            and tsv is not None
+            and off <= 0
+            and ((tsv - self._ts_recent + HALF) & MASK) - HALF >= 0
+        ):
+            self._ts_recent = tsv
+        # Second: RST (RFC 5961 §3.2: only an exact match resets).
+        if flags & RST:
+            if off != 0:
+                self._challenge_ack(now)
+                return
+            self._transition(Input.RCV_RST)
+            if st is SYN_RECEIVED:
+                self._finish(CloseReason.REFUSED)
+            elif st is TIME_WAIT or st is CLOSING:
+                # RFC 9293 §3.10.7.4: no "connection reset" signal in these states; we
+                # have the peer's FIN, so every byte both ways was delivered.
+                self._finish(CloseReason.NORMAL)
+            else:
+                self._events.append(ConnectionReset())
+                self._finish(CloseReason.RESET)
+            return
+        # Fourth: SYN (RFC 5961 §4.2: challenge ACK in every synchronized state).
+        if flags & SYN:
+            if st is SYN_RECEIVED and seq == self.irs:
+                self._syn_needed = True  # our SYN-ACK was lost: send it again
+                return
+            self._challenge_ack(now)
+            return
+        # Fifth: ACK.
+        if not flags & ACK:
+            return
+        if st is SYN_RECEIVED:
+            if ((seg.ack - self.snd_una + HALF) & MASK) - HALF <= 0 or (
+                (seg.ack - self.snd_max + HALF) & MASK
+            ) - HALF > 0:
+                self._out.append(Segment(self._lport, self._rport, seg.ack, 0, RST, 0))
+                return
+            self._transition(Input.RCV_ACK_OF_SYN)
+            if self._rtt_seq is not None and self._retries == 0:
+                self._rto.sample(now - self._rtt_time)
+            self._rtt_seq = None
+            self._retries = 0
+            self._rto_deadline = None
+            self.snd_una = (self.iss + 1) & MASK
+            if ((self.snd_nxt - self.snd_una + HALF) & MASK) - HALF < 0:
+                self.snd_nxt = self.snd_una
+            self.snd_wnd = seg.window << self._snd_wscale
+            self.max_snd_wnd = max(self.max_snd_wnd, self.snd_wnd)
+            self.snd_wl1 = seq
+            self.snd_wl2 = seg.ack
+            self._on_established()
+            st = self.state
+        if not self._process_ack(seg, now):
+            return
+        st = self.state
+        if st is CLOSED:
+            return
+        # Seventh: segment text; eighth: FIN.
+        if plen or flags & FIN:
+            if st in RECEIVING:
+                self._rcv_text(seq, payload, bool(flags & FIN), now)
+            elif st is TIME_WAIT and flags & FIN:
+                self._ack_now = True
+                self._tw_deadline = now + self.config.time_wait
+
+    def _process_ack(self, seg: Segment, now: float) -> bool:
+        """The ACK field (RFC 9293 §3.10.7.4 "fifth"); False means drop the segment."""
+        ack = seg.ack
+        una = self.snd_una
+        d = ((ack - una + HALF) & MASK) - HALF
+        if d > 0:
+            if ((ack - self.snd_max + HALF) & MASK) - HALF > 0:
+                self._ack_now = True  # acks something not yet sent
+                return False
+            self._new_ack(ack, d, now)
+            if seg.sack_blocks and self._sack_ok:
+                self._sack.add(seg.sack_blocks, ack, self.snd_max)
+        elif d == 0:
+            news = False
+            if seg.sack_blocks and self._sack_ok:
+                news = self._sack.add(seg.sack_blocks, una, self.snd_max)
+            if (
+                self.snd_max != una
+                and not seg.payload
+                and not seg.flags & FIN
+                and ((seg.window << self._snd_wscale) == self.snd_wnd or news)
+            ):
+                self._dupack(now)
+        elif d < -self.max_snd_wnd - 1:
+            # RFC 5961 §5.2: an ACK too old to be plausible is answered and dropped.
+            self._challenge_ack(now)
+            return False
+        # Window update (RFC 9293 §3.10.7.4, SND.WL1/WL2 rule).
+        seq = seg.seq
+        wl1 = ((seq - self.snd_wl1 + HALF) & MASK) - HALF
+        if wl1 > 0 or (wl1 == 0 and ((ack - self.snd_wl2 + HALF) & MASK) - HALF >= 0):
+            wnd = seg.window << self._snd_wscale
+            if wnd != self.snd_wnd:
+                old = self.snd_wnd
+                self.snd_wnd = wnd
+                if wnd > self.max_snd_wnd:
+                    self.max_snd_wnd = wnd
+                if wnd > old:
+                    self._persist_deadline = None
+                    self._persist_backoff = 0
+            self.snd_wl1 = seq
+            self.snd_wl2 = ack
+        return True
+
+    def _new_ack(self, ack: int, acked: int, now: float) -> None:
+        """SND.UNA advances: free buffer, RTT sample, restart RTO, grow cwnd."""
+        base = self._sbuf_start
+        sbuf = self._sbuf
+        n = ((ack - base + HALF) & MASK) - HALF
+        if n > 0:
+            if n > len(sbuf):
+                n = len(sbuf)
+            del sbuf[:n]
+            self._sbuf_start = (base + n) & MASK
+        self.snd_una = ack
+        if ((self.snd_nxt - ack + HALF) & MASK) - HALF < 0:
+            self.snd_nxt = ack
+        rtt_seq = self._rtt_seq
+        if rtt_seq is not None and ((ack - rtt_seq + HALF) & MASK) - HALF > 0:
+            self._rto.sample(now - self._rtt_time)
+            self._rtt_seq = None
+        self._retries = 0
+        if ack == self.snd_max:
+            self._rto_deadline = None  # RFC 6298 §5.2
+        else:
+            self._rto_deadline = now + self._rto.rto  # §5.3
+        flight = ((self.snd_max - ack + HALF) & MASK) - HALF
+        if self._cc.on_new_ack(ack, acked, flight):
+            self._rexmit_next = ack  # partial ACK: retransmit the next hole
+            self._rexmit_budget += 1
+        if self._sack.ranges:
+            self._sack.prune(ack)
+        if self._want_writable and len(sbuf) < self._sndbufsize:
+            self._want_writable = False
+            self._events.append(_WRITABLE_EVENT)
+        if self._fin_queued and ((ack - self._fin_seq + HALF) & MASK) - HALF > 0:
+            st = self.state
+            if st is FIN_WAIT_1 or st is CLOSING or st is LAST_ACK:
+                self._transition(Input.RCV_ACK_OF_FIN)
+                st = self.state
+                if st is CLOSED:
+                    self._finish(CloseReason.NORMAL)
+                elif st is TIME_WAIT:
+                    self._enter_time_wait(now)
+
+    def _dupack(self, now: float) -> None:
+        cc = self._cc
+        # RFC 6675 §4 IsLost: three segments' worth SACKed above SND.UNA is as good as
+        # three duplicate ACKs, even when ACKs were coalesced on the way.
+        sack_lost = bool(self._sack.ranges) and self._sack.sacked_bytes() >= 3 * cc.smss
+        una = self.snd_una
+        if cc.on_dupack(una, self.snd_max, ((self.snd_max - una + HALF) & MASK) - HALF, sack_lost):
+            self._rexmit_next = self.snd_una  # fast retransmit (RFC 5681 §3.2 step 4)
+            self._rexmit_budget = 1
+        elif cc.in_recovery and self._sack.ranges:
+            self._rexmit_budget += 1  # one more SACK hole per duplicate ACK
+
+    def _rcv_text(self, seq: int, payload: bytes | memoryview, fin: bool, now: float) -> None:
+        """In-window text and FIN (RFC 9293 §3.10.7.4 "seventh" and "eighth")."""
+        rcv_nxt = self.rcv_nxt
+        off = ((seq - rcv_nxt + HALF) & MASK) - HALF
+        plen = len(payload)
+        if off < 0:  # trim what we already have
+            payload = memoryview(payload)[-off:]
+            plen += off
+            off = 0
+            seq = rcv_nxt
+        room = ((self._rcv_adv - rcv_nxt + HALF) & MASK) - HALF - off
+        if plen > room:  # trim what the window does not cover
+            keep = max(room, 0)
+            payload = memoryview(payload)[:keep]
+            plen = keep
+            fin = False
+            self._ack_now = True
+        if plen and self._app_closed:
+            # RFC 1122 §4.2.2.13: data for a closed application means data loss: RST.
+            self.abort(now)
+            return
+        if off > 0:
+            if plen or fin:
+                self._ooo_insert(seq, bytes(payload), fin)
+            self._ack_now = True  # out of order: immediate (duplicate) ACK, RFC 5681 §4.2
+            return
+        if plen:
+            self._rbuf += payload
+            rcv_nxt = (rcv_nxt + plen) & MASK
+            self.rcv_nxt = rcv_nxt
+            if self._ooo:
+                self._ooo_drain()
+                self._ack_now = True  # gap filled: ACK at once (RFC 5681 §4.2)
+            self._data_arrived()
+            self._segs_unacked += 1
+            if (
+                self._segs_unacked >= 2
+                or ((self._rcv_adv - rcv_nxt + HALF) & MASK) - HALF < 2 * plen
+            ):
+                self._ack_now = True
+            elif self._delack_deadline is None:
+                self._delack_deadline = now + self.config.delayed_ack
+        if fin or (self._ooo_fin is not None and self._ooo_fin == self.rcv_nxt):
+            self._rcv_fin(now)
+
+    def _rcv_fin(self, now: float) -> None:
+        self.rcv_nxt = (self.rcv_nxt + 1) & MASK
+        self._ooo_fin = None
+        self._ooo.clear()
+        self._ack_now = True
+        self._eof = True
+        self._transition(Input.RCV_FIN)
+        self._events.append(_EOF_EVENT)
+        if self.state is TIME_WAIT:
+            self._enter_time_wait(now)
+
+    def _enter_time_wait(self, now: float) -> None:
+        """RFC 9293 §3.10.7.4: cancel other timers, hold the 4-tuple for a while."""
+        self._rto_deadline = None
+        self._persist_deadline = None
+        self._rexmit_budget = 0
+        self._tw_deadline = now + self.config.time_wait
+
+    def _ooo_insert(self, seq: int, data: bytes, fin: bool) -> None:
+        """Keep a segment that arrived beyond a gap; overlaps are trimmed away."""
+        rcv_nxt = self.rcv_nxt
+        self._last_ooo = seq
+        if fin:
+            self._ooo_fin = (seq + len(data)) & MASK
+        if not data:
+            return
+        a = ((seq - rcv_nxt + HALF) & MASK) - HALF
+        b = a + len(data)
+        ooo = self._ooo
+        keep: list[tuple[int, bytes]] = []
+        for s, d in ooo:
+            x = ((s - rcv_nxt + HALF) & MASK) - HALF
+            y = x + len(d)
+            if a >= b or y <= a or x >= b:
+                keep.append((s, d))
+                continue
+            if x <= a:  # existing covers our front
+                data = data[y - a :]
+                a = y
+                keep.append((s, d))
+            elif y >= b:  # existing covers our tail
+                data = data[: x - a]
+                b = x
+                keep.append((s, d))
+            # else: ours covers the existing one entirely; drop it
+        if a < b:
+            keep.append(((rcv_nxt + a) & MASK, data))
+            keep.sort(key=lambda item: (((item[0]) - (rcv_nxt) + HALF) & MASK) - HALF)
+        self._ooo = keep
+
+    def _ooo_drain(self) -> None:
+        """Move now-contiguous out-of-order segments into the receive buffer."""
+        ooo = self._ooo
+        rbuf = self._rbuf
+        while ooo:
+            s, d = ooo[0]
+            off = ((s - self.rcv_nxt + HALF) & MASK) - HALF
+            if off > 0:
+                break
+            del ooo[0]
+            end = len(d) + off
+            if end > 0:
+                rbuf += d[-off:] if off else d
+                self.rcv_nxt = (self.rcv_nxt + end) & MASK
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _transition(self, inp: Input) -> None:
+        old = self.state
+        self.state = next_state(old, inp)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%r: %s on %s", self, old.value, inp.value)
+
+    def _finish(self, reason: CloseReason) -> None:
+        """Enter CLOSED for good: drop timers and buffers, report the reason."""
+        self.state = CLOSED
+        self._rto_deadline = None
+        self._persist_deadline = None
+        self._delack_deadline = None
+        self._tw_deadline = None
+        self._syn_needed = False
+        self._ack_now = False
+        self._rexmit_budget = 0
+        self._sbuf = bytearray()
+        self._ooo = []
+        self._events.append(ConnectionClosed(reason))
+
+    def __repr__(self) -> str:
+        return (
+            f"<TCPConnection {self.local[0]}:{self.local[1]} -> {self.remote[0]}:"
+            f"{self.remote[1]} {self.state.value}>"
+        )

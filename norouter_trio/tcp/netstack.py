@@ -1,0 +1,681 @@
+"""trio layer over the sans-IO stack: `NetStack`, `TCPStream`, `TCPListener`.
+
+Shape: `NetStack.run` owns one nursery with
+- the *reader* (the body of `run`): takes L3 packets from the inbound channel, a batch at a
+  time without yielding between them, and feeds them to `TCPStack` synchronously;
+- the *writer*: pulls segments from connections marked dirty and puts the packets into
+  the outbound channel with `send_nowait`, awaiting only when it is full (so packets are
+  handed over in batches and the stdout writer can frame many per write);
+- one timer task per connection: it sleeps in a cancel scope whose deadline is the core's
+  `get_timer()`; every operation on the connection moves that deadline (no polling, no
+  task per packet);
+- one task per SYN offered to the accept-any (bastion) handler, running that handler.
+
+Channel "full" behaviour (what we chose, and why it is safe):
+- inbound full: the stdio reader feeding us waits. That is backpressure, never loss; the
+  peers' TCP windows bound how much can be in flight, so it cannot deadlock: our reader
+  never waits on the outbound channel.
+- outbound full: the writer waits. Connections keep unsent data in their send buffers
+  (bounded by `TCPConfig.send_buffer`); `send_all` waits for room; timers still fire.
+- a slow application reader: the receive buffer fills, the advertised window closes, the
+  peer stops. Nothing grows without bound.
+
+Closing: `aclose()` (also what `async with stream` does when its scope is cancelled) is
+*graceful*: FIN after the queued data, as `shutdown(SHUT_WR)` + `close()` on a socket. If
+unread data is waiting or arrives later, the core resets instead (RFC 1122 §4.2.2.13).
+`stream.abort()` sends RST at once. Errors are translated like trio's SocketStream:
+`BrokenResourceError` on reset / timeout, `ClosedResourceError` after our own close,
+`ConnectionRefusedError` / `TimeoutError` (both OSError, naming the address) from
+`connect`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import operator
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+import trio
+from trio.lowlevel import ParkingLot, checkpoint
+
+from norouter_trio.tcp.connection import TCPConfig, TCPStateError
+from norouter_trio.tcp.events import (
+    CloseReason,
+    ConnectionClosed,
+    ConnectionReset,
+    DataAvailable,
+    EOFReceived,
+    Established,
+    Writable,
+)
+from norouter_trio.tcp.stack import (
+    Address,
+    Conn,
+    Delivered,
+    NewConnection,
+    NewPending,
+    PendingSyn,
+    TCPStack,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RECEIVE_SIZE = 65536
+READ_BATCH = 64  # inbound packets handled per scheduling slice
+
+__all__ = ["NetStack", "PendingConnection", "TCPListener", "TCPStream"]
+
+
+class _State:
+    """What the trio layer tracks per connection (hung on `Conn.owner`)."""
+
+    __slots__ = (
+        "close_reason",
+        "conn",
+        "deadline",
+        "eof",
+        "eof_sent",
+        "established",
+        "finished",
+        "listener",
+        "local_closed",
+        "lot",
+        "receiving",
+        "reset",
+        "sending",
+        "timer_scope",
+        "write_lot",
+    )
+
+    def __init__(self, conn: Conn, listener: TCPListener | None) -> None:
+        self.conn = conn
+        self.listener = listener
+        self.lot = ParkingLot()  # readers and connect/accept waiters
+        self.write_lot = ParkingLot()  # senders waiting for buffer room
+        self.timer_scope: trio.CancelScope | None = None
+        self.deadline = math.inf
+        self.established = False
+        self.eof = False
+        self.eof_sent = False
+        self.reset = False
+        self.finished = False
+        self.local_closed = False
+        self.close_reason: CloseReason | None = None
+        self.receiving = False
+        self.sending = False
+
+    def wake_all(self) -> None:
+        self.lot.unpark_all()
+        self.write_lot.unpark_all()
+
+    def describe(self) -> str:
+        (lip, lport), (rip, rport) = self.conn.local, self.conn.remote
+        return f"{lip}:{lport} <-> {rip}:{rport}"
+
+
+class NetStack:
+    """The agent's user-space TCP/IPv4 stack, driven by bounded channels of L3 packets."""
+
+    def __init__(
+        self,
+        vip: str,
+        outbound: trio.MemorySendChannel[bytes],
+        *,
+        verify_checksums: bool = True,
+        config: TCPConfig | None = None,
+    ) -> None:
+        self.vip = vip
+        self._outbound = outbound
+        self._stack = TCPStack(vip, config=config, verify_checksums=verify_checksums)
+        self._nursery: trio.Nursery | None = None
+        self._dirty: dict[_State, None] = {}
+        self._wake = trio.Event()
+        self._listeners: dict[Address, TCPListener] = {}
+        self._handler: Callable[[PendingConnection], Awaitable[None]] | None = None
+        self._stopped = False
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Live counters (segments/bytes in and out, RSTs, drops by reason, ...)."""
+        return self._stack.counters
+
+    def snapshot(self) -> dict[str, int]:
+        """Counters plus gauges (connections, listeners, pending SYNs) for logs."""
+        return self._stack.snapshot()
+
+    @property
+    def stack(self) -> TCPStack:
+        """The sans-IO stack underneath (for debug views and tests)."""
+        return self._stack
+
+    # ---- running -------------------------------------------------------------------------
+
+    async def run(
+        self,
+        inbound: trio.MemoryReceiveChannel[bytes],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Process packets until `inbound` ends; then every connection is broken."""
+        if self._nursery is not None or self._stopped:
+            raise RuntimeError(f"NetStack for {self.vip} can only run once")
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._writer)
+                task_status.started()
+                await self._reader(inbound)
+                log.debug("%s: inbound packets ended; stopping the stack", self.vip)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._nursery = None
+            self._stopped = True
+            self._break_everything()
+
+    def _require_running(self) -> trio.Nursery:
+        if self._nursery is None:
+            raise RuntimeError(f"NetStack for {self.vip} is not running (start run() first)")
+        return self._nursery
+
+    def _break_everything(self) -> None:
+        for conn in list(self._stack.connections.values()):
+            st = conn.owner
+            if isinstance(st, _State) and not st.finished:
+                st.finished = True
+                st.reset = True
+                st.wake_all()
+        for listener in list(self._listeners.values()):
+            listener._closed = True
+            listener._lot.unpark_all()
+
+    async def _reader(self, inbound: trio.MemoryReceiveChannel[bytes]) -> None:
+        receive_nowait = inbound.receive_nowait
+        on_packet = self._on_packet
+        async for packet in inbound:
+            now = trio.current_time()
+            on_packet(packet, now)
+            for _ in range(READ_BATCH):
+                try:
+                    packet = receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                on_packet(packet, now)
+
+    def _on_packet(self, packet: bytes, now: float) -> None:
+        outcome = self._stack.receive_packet(packet, now)
+        if type(outcome) is Delivered:
+            st = outcome.conn.owner
+            if st is not None:
+                self._after(st)
+            return
+        if isinstance(outcome, NewConnection):
+            listener = self._listeners.get(outcome.listener)
+            if listener is None or listener._closed or listener._full():
+                self._stack.forget(outcome.conn)  # no SYN-ACK: the peer retries its SYN
+                self._stack.counters["listen_overflow"] += 1
+                return
+            listener._half_open += 1
+            self._after(self._new_state(outcome.conn, listener))
+        elif isinstance(outcome, NewPending):
+            handler = self._handler
+            if handler is None or self._nursery is None:
+                self._stack.refuse_pending(outcome.pending.key)
+            else:
+                self._nursery.start_soon(
+                    self._run_handler, handler, PendingConnection(self, outcome.pending)
+                )
+        self._wake.set()  # the stack may have queued RSTs or echo replies
+
+    # ---- per-connection plumbing -------------------------------------------------------
+
+    def _new_state(self, conn: Conn, listener: TCPListener | None = None) -> _State:
+        st = _State(conn, listener)
+        conn.owner = st
+        self._require_running().start_soon(self._timer_task, st)
+        return st
+
+    def _after(self, st: _State) -> None:
+        """After any call into a connection: dispatch its events, move its timer, mark it
+        for output."""
+        tcp = st.conn.tcp
+        ev = tcp.next_event()
+        while ev is not None:
+            kind = type(ev)
+            if kind is DataAvailable:
+                st.lot.unpark_all()
+            elif kind is Writable:
+                st.write_lot.unpark_all()
+            elif kind is EOFReceived:
+                st.eof = True
+                st.lot.unpark_all()
+            elif kind is Established:
+                st.established = True
+                st.lot.unpark_all()
+                if st.listener is not None:
+                    st.listener._on_established(st)
+            elif kind is ConnectionReset:
+                st.reset = True
+                st.wake_all()
+            elif isinstance(ev, ConnectionClosed):
+                self._on_closed(st, ev.reason)
+            ev = tcp.next_event()
+        if st.write_lot and tcp.send_buffer_free:
+            # Writable only follows a send() that was cut short; a buffer filled exactly
+            # leaves wait_send_all_might_not_block() waiting, so wake it on any room.
+            st.write_lot.unpark_all()
+        self._dirty[st] = None
+        self._wake.set()
+
+    def _on_closed(self, st: _State, reason: CloseReason) -> None:
+        st.finished = True
+        st.close_reason = reason
+        if reason is not CloseReason.NORMAL:
+            st.reset = True
+        self._stack.forget(st.conn)
+        self._stack.counters["retransmits"] += int(getattr(st.conn.tcp, "retransmits", 0))
+        if st.listener is not None and not st.established:
+            st.listener._half_open -= 1
+        if st.timer_scope is not None:
+            st.timer_scope.cancel()
+        st.wake_all()
+        log.debug("%s: connection %s closed (%s)", self.vip, st.describe(), reason.value)
+
+    async def _timer_task(self, st: _State) -> None:
+        tcp = st.conn.tcp
+        while not st.finished:
+            deadline = tcp.get_timer()
+            st.deadline = math.inf if deadline is None else deadline
+            with trio.CancelScope(deadline=st.deadline) as scope:
+                st.timer_scope = scope
+                await trio.sleep_forever()
+            st.timer_scope = None
+            if st.finished:
+                return
+            now = trio.current_time()
+            deadline = tcp.get_timer()
+            if deadline is not None and deadline <= now:
+                tcp.handle_timer(now)
+                self._after(st)
+
+    async def _writer(self) -> None:
+        stack = self._stack
+        outbound = self._outbound
+        send_nowait = outbound.send_nowait
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                while True:
+                    packets = stack.take_output()
+                    for packet in packets:
+                        try:
+                            send_nowait(packet)
+                        except trio.WouldBlock:
+                            await outbound.send(packet)
+                    if not self._dirty:
+                        break
+                    dirty, self._dirty = self._dirty, {}
+                    for st in dirty:
+                        packets = stack.output(st.conn, trio.current_time())
+                        # Output arms timers (RTO, delayed ACK gone): move the deadline.
+                        scope = st.timer_scope
+                        if scope is not None:
+                            deadline = st.conn.tcp.get_timer()
+                            if deadline is None:
+                                deadline = math.inf
+                            if deadline != st.deadline:  # moving it costs trio work
+                                st.deadline = deadline
+                                scope.deadline = deadline
+                        for packet in packets:
+                            try:
+                                send_nowait(packet)
+                            except trio.WouldBlock:
+                                await outbound.send(packet)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            log.warning("%s: the outbound packet channel closed; stopping the stack", self.vip)
+            if self._nursery is not None:
+                self._nursery.cancel_scope.cancel()
+
+    async def _wait_established(self, st: _State) -> None:
+        while not st.established:
+            if st.finished:
+                raise self._open_error(st)
+            await st.lot.park()
+
+    def _open_error(self, st: _State) -> OSError:
+        ip, port = st.conn.remote
+        reason = st.close_reason
+        if reason is CloseReason.REFUSED:
+            return ConnectionRefusedError(
+                errno.ECONNREFUSED, f"{ip}:{port} refused the connection (RST from the peer)"
+            )
+        if reason is CloseReason.TIMEOUT:
+            return TimeoutError(
+                errno.ETIMEDOUT, f"connecting to {ip}:{port} timed out (no answer to SYN)"
+            )
+        if self._stopped:
+            return ConnectionAbortedError(
+                errno.ECONNABORTED, f"connecting to {ip}:{port}: the network stack stopped"
+            )
+        return ConnectionResetError(errno.ECONNRESET, f"connection to {ip}:{port} was reset")
+
+    # ---- public API --------------------------------------------------------------------
+
+    async def connect(self, ip: str, port: int, *, src_ip: str | None = None) -> TCPStream:
+        """Open a connection through the stack, from `src_ip` (default the VIP).
+
+        Raises ConnectionRefusedError (RST), TimeoutError (no SYN-ACK) or ValueError (bad
+        address). Cancelling it aborts the half-open connection.
+        """
+        self._require_running()
+        conn = self._stack.connect(ip, port, trio.current_time(), src_ip=src_ip)
+        st = self._new_state(conn)
+        self._after(st)
+        try:
+            await self._wait_established(st)
+        except BaseException:
+            if not st.finished:
+                conn.tcp.abort(trio.current_time())
+                self._after(st)
+            raise
+        log.debug("%s: connected %s", self.vip, st.describe())
+        return TCPStream(self, st)
+
+    def listen(self, ip: str, port: int, backlog: int = 128) -> TCPListener:
+        """Listen on ip:port inside the stack (ip 0.0.0.0: any destination address)."""
+        address = self._stack.add_listener(ip, port)
+        listener = TCPListener(self, address, backlog)
+        self._listeners[address] = listener
+        return listener
+
+    def accept_any(self, handler: Callable[[PendingConnection], Awaitable[None]] | None) -> None:
+        """Bastion mode: offer every SYN that no listener takes to `handler` (None: off).
+
+        `handler` runs in its own task and must call `accept()` or `refuse()`; if it
+        returns without deciding, the SYN is refused. Retransmitted SYNs are absorbed while
+        it decides.
+        """
+        self._handler = handler
+        self._stack.accept_any = handler is not None
+
+    async def _run_handler(
+        self, handler: Callable[[PendingConnection], Awaitable[None]], pending: PendingConnection
+    ) -> None:
+        try:
+            await handler(pending)
+        except Exception:
+            log.exception(
+                "%s: accept-any handler failed for %s:%d -> %s:%d",
+                self.vip,
+                *pending.remote,
+                *pending.local,
+            )
+        finally:
+            if not pending._decided:
+                pending.refuse()
+
+    def _close_listener(self, listener: TCPListener) -> None:
+        if self._listeners.get(listener.address) is listener:
+            del self._listeners[listener.address]
+            self._stack.remove_listener(listener.address)
+
+
+class PendingConnection:
+    """A SYN for an address and port with no listener (bastion mode), awaiting a decision."""
+
+    def __init__(self, netstack: NetStack, pending: PendingSyn) -> None:
+        self._ns = netstack
+        self._pending = pending
+        self._decided = False
+        self.local: Address = pending.local
+        self.remote: Address = pending.remote
+
+    async def accept(self) -> TCPStream:
+        """Answer the SYN and wait for the handshake; BrokenResourceError if it fails."""
+        if self._decided:
+            raise RuntimeError(f"SYN from {self.remote[0]}:{self.remote[1]} already decided")
+        self._decided = True
+        ns = self._ns
+        conn = ns._stack.accept_pending(self._pending.key, trio.current_time())
+        if conn is None:
+            await checkpoint()
+            raise trio.BrokenResourceError(
+                f"{self.remote[0]}:{self.remote[1]} gave up before the connection to "
+                f"{self.local[0]}:{self.local[1]} was accepted"
+            )
+        st = ns._new_state(conn)
+        ns._after(st)
+        try:
+            await ns._wait_established(st)
+        except OSError as exc:
+            raise trio.BrokenResourceError(
+                f"handshake with {self.remote[0]}:{self.remote[1]} failed: {exc}"
+            ) from exc
+        except BaseException:
+            if not st.finished:
+                conn.tcp.abort(trio.current_time())
+                ns._after(st)
+            raise
+        return TCPStream(ns, st)
+
+    def refuse(self) -> None:
+        """Answer the SYN with RST, as a closed port would. Idempotent."""
+        if not self._decided:
+            self._decided = True
+            self._ns._stack.refuse_pending(self._pending.key)
+            self._ns._wake.set()
+
+
+class TCPListener(trio.abc.Listener["TCPStream"]):
+    """Connections to one ip:port of the stack; `accept()` returns established streams.
+
+    At most `backlog` connections wait (half-open plus not yet accepted); SYNs beyond that
+    are dropped unanswered so the peer retries, as Linux does.
+    """
+
+    def __init__(self, netstack: NetStack, address: Address, backlog: int) -> None:
+        self._ns = netstack
+        self.address = address
+        self._backlog = max(1, backlog)
+        self._queue: deque[_State] = deque()
+        self._half_open = 0
+        self._lot = ParkingLot()
+        self._closed = False
+
+    def _full(self) -> bool:
+        return len(self._queue) + self._half_open >= self._backlog
+
+    def _on_established(self, st: _State) -> None:
+        self._half_open -= 1
+        if self._closed:
+            st.conn.tcp.abort(trio.current_time())
+            return
+        self._queue.append(st)
+        self._lot.unpark()
+
+    async def accept(self) -> TCPStream:
+        while True:
+            if self._closed:
+                raise trio.ClosedResourceError(
+                    f"listener {self.address[0]}:{self.address[1]} is closed"
+                )
+            if self._queue:
+                await checkpoint()
+                if self._queue:
+                    return TCPStream(self._ns, self._queue.popleft())
+                continue
+            await self._lot.park()
+
+    async def aclose(self) -> None:
+        """Stop listening; connections not yet accepted are reset."""
+        if not self._closed:
+            self._closed = True
+            self._ns._close_listener(self)
+            now = trio.current_time()
+            while self._queue:
+                st = self._queue.popleft()
+                st.conn.tcp.abort(now)
+                self._ns._after(st)
+            self._lot.unpark_all()
+        await checkpoint()
+
+
+class TCPStream(trio.abc.HalfCloseableStream):
+    """One TCP connection of the stack as a trio stream.
+
+    `send_eof()` sends FIN; `aclose()` closes gracefully (FIN); `abort()` resets (RST).
+    """
+
+    def __init__(self, netstack: NetStack, st: _State) -> None:
+        self._ns = netstack
+        self._st = st
+        self.local_address: Address = st.conn.local
+        self.remote_address: Address = st.conn.remote
+
+    def __repr__(self) -> str:
+        return f"<TCPStream {self._st.describe()}>"
+
+    def set_nodelay(self, on: bool) -> None:
+        """Disable Nagle's algorithm (True) for latency-sensitive request/response use."""
+        self._st.conn.tcp.set_nodelay(on)
+
+    def _broken(self) -> trio.BrokenResourceError:
+        st = self._st
+        ip, port = st.conn.remote
+        if st.close_reason is CloseReason.TIMEOUT:
+            why = "timed out (no acknowledgement)"
+        elif self._ns._stopped:
+            why = "lost: the network stack stopped"
+        else:
+            why = "was reset"
+        return trio.BrokenResourceError(f"connection to {ip}:{port} {why}")
+
+    def _check_send(self) -> None:
+        st = self._st
+        if st.local_closed:
+            raise trio.ClosedResourceError("this stream was closed")
+        if st.eof_sent:
+            raise trio.ClosedResourceError("send_eof() was called on this stream")
+        if st.reset or st.finished:
+            raise self._broken()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        st = self._st
+        if st.sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        st.sending = True
+        try:
+            await checkpoint()
+            self._check_send()
+            total = len(data)
+            if not total:
+                return
+            view = memoryview(data)
+            if view.itemsize != 1:
+                view = view.cast("B")
+            tcp = st.conn.tcp
+            ns = self._ns
+            offset = 0
+            while True:
+                try:
+                    taken = tcp.send(view[offset:] if offset else view, trio.current_time())
+                except TCPStateError:
+                    raise self._broken() from None
+                if taken:
+                    offset += taken
+                    ns._after(st)
+                    if offset >= total:
+                        return
+                await st.write_lot.park()
+                self._check_send()
+        finally:
+            st.sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        st = self._st
+        if st.sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        st.sending = True
+        try:
+            await checkpoint()
+            self._check_send()
+            while st.conn.tcp.send_buffer_free == 0:
+                await st.write_lot.park()
+                self._check_send()
+        finally:
+            st.sending = False
+
+    async def send_eof(self) -> None:
+        st = self._st
+        if st.sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        await checkpoint()
+        if st.local_closed:
+            raise trio.ClosedResourceError("this stream was closed")
+        if st.eof_sent:
+            return
+        if st.reset:
+            raise self._broken()
+        st.eof_sent = True
+        try:
+            st.conn.tcp.shutdown_write(trio.current_time())
+        except TCPStateError:
+            raise self._broken() from None
+        self._ns._after(st)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if max_bytes is None:
+            max_bytes = DEFAULT_RECEIVE_SIZE
+        else:
+            max_bytes = operator.index(max_bytes)
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be at least 1")
+        st = self._st
+        if st.receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        st.receiving = True
+        try:
+            await checkpoint()
+            tcp = st.conn.tcp
+            while True:
+                if st.local_closed:
+                    raise trio.ClosedResourceError("this stream was closed")
+                if not st.reset:
+                    data = tcp.read(max_bytes, trio.current_time())
+                    if data:
+                        if not st.finished:
+                            self._ns._after(st)
+                        return data
+                    if st.eof:
+                        return b""
+                if st.reset or st.finished:
+                    raise self._broken()
+                await st.lot.park()
+        finally:
+            st.receiving = False
+
+    async def aclose(self) -> None:
+        """Graceful close: FIN after queued data (RST if unread data remains)."""
+        self._close(abort=False)
+        await checkpoint()
+
+    def abort(self) -> None:
+        """Reset the connection now (RST); pending data is discarded."""
+        self._close(abort=True)
+
+    def _close(self, *, abort: bool) -> None:
+        st = self._st
+        if st.local_closed:
+            return
+        st.local_closed = True
+        if not st.finished:
+            now = trio.current_time()
+            if abort:
+                st.conn.tcp.abort(now)
+            else:
+                st.conn.tcp.close(now)
+            self._ns._after(st)
+        st.wake_all()

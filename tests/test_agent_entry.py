@@ -1,0 +1,273 @@
+"""`norouter agent --automated`: the configure handshake, the stdio pump, EOF and refusal.
+
+The agent runs as a real subprocess speaking frames.  Most tests give it a stand-in data
+plane (an echo: swaps source and destination, suggests a route once, prints a stray line
+to stdout) so that they test the entry, not the TCP stack; one test uses the real data
+plane when it is importable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from norouter_trio import __version__
+from norouter_trio.agent import features
+
+ROOT = str(Path(__file__).parent.parent)
+WAIT = 15.0
+HDR = struct.Struct(">IHH")
+
+ECHO_DATAPLANE = r"""
+import sys, trio
+import norouter_trio.agent.dataplane as dp
+from norouter_trio.messages import RouteSuggestion
+
+async def run_dataplane(args, link, *, task_status=trio.TASK_STATUS_IGNORED):
+    if args.me == "127.0.42.66":
+        raise RuntimeError("cannot bind 127.0.42.66:80")
+    task_status.started()
+    print("a stray print must not corrupt the frame stream")
+    first = True
+    async for pkt in link.inbound:
+        if first:
+            link.send_event(RouteSuggestion(ip=["198.18.0.9"], route=args.me))
+            first = False
+        await link.outbound.send(pkt[:12] + pkt[16:20] + pkt[12:16] + pkt[20:])
+
+dp.run_dataplane = run_dataplane
+from norouter_trio.cli import main
+sys.argv[0] = "norouter"
+main()
+"""
+
+
+def frame(ftype: int, payload: bytes) -> bytes:
+    return HDR.pack((0x42 << 24) | (len(payload) + 4), ftype, 0) + payload
+
+
+def configure(req_id: int, me: str) -> bytes:
+    msg = {"type": "request", "body": {"id": req_id, "op": "configure", "args": {"me": me}}}
+    return frame(2, json.dumps(msg).encode())
+
+
+def packet(src: str, dst: str, tag: bytes) -> bytes:
+    return struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(tag), 0, 0, 64, 6, 0,
+                       socket.inet_aton(src), socket.inet_aton(dst)) + tag
+
+
+class AgentProc:
+    def __init__(self, proc: trio.Process) -> None:
+        self.proc = proc
+        self.buf = b""
+
+    async def send(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        await self.proc.stdin.send_all(data)
+
+    async def frame(self) -> tuple[int, bytes]:
+        assert self.proc.stdout is not None
+        with trio.fail_after(WAIT):
+            while True:
+                if len(self.buf) >= 8:
+                    word, ftype, _ = HDR.unpack_from(self.buf)
+                    assert word >> 24 == 0x42, self.buf[:16]
+                    end = 4 + (word & 0xFFFFFF)
+                    if len(self.buf) >= end:
+                        payload, self.buf = self.buf[8:end], self.buf[end:]
+                        return ftype, payload
+                data = await self.proc.stdout.receive_some(1 << 16)
+                assert data, "agent closed stdout"
+                self.buf += data
+
+    async def json(self) -> dict[str, Any]:
+        ftype, payload = await self.frame()
+        assert ftype == 2
+        msg: dict[str, Any] = json.loads(payload)
+        return msg
+
+    async def close_and_wait(self) -> int:
+        assert self.proc.stdin is not None
+        await self.proc.stdin.aclose()
+        with trio.fail_after(WAIT):
+            return await self.proc.wait()
+
+
+async def start(*args: str, echo: bool = True) -> AgentProc:
+    argv = [sys.executable, "-c", ECHO_DATAPLANE] if echo else \
+        [sys.executable, "-m", "norouter_trio"]
+    proc = await trio.lowlevel.open_process(
+        [*argv, "agent", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": ROOT})
+    return AgentProc(proc)
+
+
+async def test_configure_then_second_configure_is_an_error() -> None:
+    agent = await start("--automated")
+    await agent.send(configure(7, "127.0.42.101"))
+    res = await agent.json()
+    assert res["type"] == "result"
+    body = res["body"]
+    assert (body["request_id"], body["op"]) == (7, "configure")
+    assert "error" not in body
+    # Go's encoding leaves an empty list out.
+    assert body["data"].get("features", []) == features.features()
+    assert body["data"]["version"] == __version__
+    await agent.send(configure(8, "127.0.42.101"))
+    res2 = await agent.json()
+    assert res2["type"] == "result" and res2["body"]["request_id"] == 8
+    assert "already configured" in json.dumps(res2["body"]["error"])
+    assert "data" not in res2["body"]
+    assert await agent.close_and_wait() == 0
+
+
+async def test_packets_flow_both_ways_and_events_reach_the_manager() -> None:
+    agent = await start("--automated")
+    await agent.send(configure(1, "127.0.42.101"))
+    assert (await agent.json())["body"]["request_id"] == 1
+    pkts = [packet("127.0.42.100", "127.0.42.101", b"n%d" % i) for i in range(300)]
+    await agent.send(b"".join(frame(1, p) for p in pkts))
+    got: list[bytes] = []
+    events: list[dict[str, Any]] = []
+    while len(got) < len(pkts):
+        ftype, payload = await agent.frame()
+        if ftype == 2:
+            events.append(json.loads(payload))
+        else:
+            assert ftype == 1
+            got.append(payload)
+    assert got == [packet("127.0.42.101", "127.0.42.100", b"n%d" % i) for i in range(300)]
+    if not events:
+        events.append(await agent.json())
+    assert events == [{"type": "event", "body": {
+        "type": "routeSuggestion", "data": {"ip": ["198.18.0.9"], "route": "127.0.42.101"}}}]
+    assert await agent.close_and_wait() == 0
+
+
+async def test_bad_packets_before_and_after_configure_are_dropped() -> None:
+    agent = await start("--automated")
+    await agent.send(frame(1, packet("127.0.42.100", "127.0.42.101", b"early")))
+    await agent.send(configure(1, "127.0.42.101"))
+    assert "data" in (await agent.json())["body"]
+    await agent.send(frame(1, b"\x45\x00") + frame(1, b"\x60" + bytes(40)) + frame(9, b"?"))
+    await agent.send(frame(1, packet("127.0.42.100", "127.0.42.101", b"late")))
+    ftype, payload = await agent.frame()
+    if ftype == 2:  # the route suggestion may come first
+        ftype, payload = await agent.frame()
+    assert (ftype, payload[20:]) == (1, b"late")
+    assert await agent.close_and_wait() == 0
+
+
+async def test_data_plane_failure_is_an_error_result() -> None:
+    agent = await start("--automated")
+    await agent.send(configure(3, "127.0.42.66"))
+    res = await agent.json()
+    assert "cannot bind 127.0.42.66:80" in json.dumps(res["body"]["error"])
+    # still unconfigured: a corrected configure succeeds
+    await agent.send(configure(4, "127.0.42.67"))
+    assert "data" in (await agent.json())["body"]
+    assert await agent.close_and_wait() == 0
+
+
+async def test_debug_init_config_starts_configured() -> None:
+    agent = await start("--automated", "--debug-init-config", '{"me": "127.0.42.101"}')
+    await agent.send(frame(1, packet("127.0.42.100", "127.0.42.101", b"x")))
+    ftype, payload = await agent.frame()
+    if ftype == 2:  # the stand-in's route suggestion may come first
+        ftype, payload = await agent.frame()
+    assert (ftype, payload[12:16]) == (1, socket.inet_aton("127.0.42.101"))
+    await agent.send(configure(2, "127.0.42.101"))
+    while ftype != 2:
+        ftype, payload = await agent.frame()
+    assert "already configured" in payload.decode()
+    assert await agent.close_and_wait() == 0
+
+
+def run(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "norouter_trio", *args], input=stdin,
+                          capture_output=True, timeout=WAIT, env={**os.environ,
+                                                                  "PYTHONPATH": ROOT})
+
+
+def test_eof_on_stdin_is_a_clean_exit() -> None:
+    r = run("agent", "--automated")
+    assert r.returncode == 0
+    assert r.stdout == b""
+    assert b"Traceback" not in r.stderr
+
+
+def test_garbage_on_stdin_ends_with_a_message() -> None:
+    r = run("agent", "--automated", stdin=b"GET / HTTP/1.1\r\n\r\n")
+    assert r.returncode == 1
+    assert b"bad frame stream from manager" in r.stderr and b"offset 0" in r.stderr
+    assert b"Traceback" not in r.stderr
+
+
+def test_without_automated_it_refuses() -> None:
+    r = run("agent")
+    assert r.returncode != 0
+    assert b"started by the manager" in r.stderr
+
+
+def test_bad_init_config_is_refused() -> None:
+    r = run("agent", "--automated", "--debug-init-config", "{not json")
+    assert r.returncode == 2
+    assert b"--debug-init-config" in r.stderr and b"Traceback" not in r.stderr
+
+
+async def test_real_data_plane_answers_configure() -> None:
+    pytest.importorskip("norouter_trio.tcp.netstack")
+    agent = await start("--automated", echo=False)
+    args = {"me": "127.0.42.101", "loopback": {"disable": True}, "stateDir": {"disable": True}}
+    msg = {"type": "request", "body": {"id": 1, "op": "configure", "args": args}}
+    await agent.send(frame(2, json.dumps(msg).encode()))
+    res = await agent.json()
+    data = res["body"].get("data")
+    assert data is not None, res
+    assert data.get("features", []) == features.features()
+    assert data["version"] == __version__
+    assert await agent.close_and_wait() == 0
+
+
+class RecordingStream:
+    """Stands in for stdout: records each write (one write = one syscall in the agent)."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.wrote = trio.Event()
+
+    async def send_all(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+        self.wrote.set()
+
+
+async def test_stdout_writer_batches_queued_packets() -> None:
+    from norouter_trio.agent.main import Agent
+    from norouter_trio.messages import RouteSuggestion
+
+    agent = Agent(-1, -1)
+    link_out = agent._out_send
+    pkts = [packet("127.0.42.101", "127.0.42.100", b"p%d" % i) for i in range(200)]
+    for p in pkts:
+        link_out.send_nowait(p)
+    agent.send_event(RouteSuggestion(ip=["198.18.0.1"], route="127.0.42.101"))
+    stream = RecordingStream()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent._write_stdout, stream)
+        with trio.fail_after(WAIT):
+            await stream.wrote.wait()
+        nursery.cancel_scope.cancel()
+    assert len(stream.writes) == 1  # 200 packets and the event: one write
+    data = stream.writes[0]
+    event = b'{"type":"event","body":{"type":"routeSuggestion","data":{"ip":["198.18.0.1"],' \
+            b'"route":"127.0.42.101"}}}'
+    assert data == frame(2, event) + b"".join(frame(1, p) for p in pkts)

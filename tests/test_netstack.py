@@ -1,0 +1,267 @@
+"""The trio layer: two NetStacks joined by memory channels behave like sockets."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+import trio.testing
+
+from norouter_trio.tcp.connection import TCPConfig
+from norouter_trio.tcp.netstack import NetStack, PendingConnection, TCPStream
+
+A, B = "127.0.42.101", "127.0.42.102"
+Tap = Callable[[bytes], bool]  # return False to drop a packet
+
+
+async def _pipe(
+    rx: trio.MemoryReceiveChannel[bytes], tx: trio.MemorySendChannel[bytes], tap: list[Tap]
+) -> None:
+    async with rx, tx:
+        async for packet in rx:
+            if all(f(packet) for f in tap):
+                await tx.send(packet)
+
+
+@asynccontextmanager
+async def two_stacks(
+    config: TCPConfig | None = None,
+    *,
+    verify: bool = True,
+    tap: list[Tap] | None = None,
+) -> AsyncIterator[tuple[NetStack, NetStack, trio.Nursery]]:
+    """A and B, each with its own bounded in/out channels, joined by pump tasks."""
+    taps = tap if tap is not None else []
+    async with trio.open_nursery() as nursery:
+        a_out, a_out_rx = trio.open_memory_channel[bytes](64)
+        b_out, b_out_rx = trio.open_memory_channel[bytes](64)
+        a_in_tx, a_in = trio.open_memory_channel[bytes](64)
+        b_in_tx, b_in = trio.open_memory_channel[bytes](64)
+        sa = NetStack(A, a_out, verify_checksums=verify, config=config)
+        sb = NetStack(B, b_out, verify_checksums=verify, config=config)
+        nursery.start_soon(_pipe, a_out_rx, b_in_tx, taps)
+        nursery.start_soon(_pipe, b_out_rx, a_in_tx, taps)
+        await nursery.start(sa.run, a_in)
+        await nursery.start(sb.run, b_in)
+        yield sa, sb, nursery
+        nursery.cancel_scope.cancel()
+
+
+async def _pair(sa: NetStack, sb: NetStack, port: int) -> tuple[TCPStream, TCPStream]:
+    listener = sb.listen(B, port)
+    async with trio.open_nursery() as nursery:
+        accepted: list[TCPStream] = []
+
+        async def acc() -> None:
+            accepted.append(await listener.accept())
+
+        nursery.start_soon(acc)
+        client = await sa.connect(B, port)
+    await listener.aclose()
+    return client, accepted[0]
+
+
+async def test_check_half_closeable_stream() -> None:
+    small = TCPConfig(send_buffer=16384, recv_buffer=16384)
+    with trio.fail_after(30):
+        async with two_stacks(small) as (sa, sb, _):
+            ports = iter(range(1000, 2000))
+
+            async def maker() -> tuple[TCPStream, TCPStream]:
+                return await _pair(sa, sb, next(ports))
+
+            async def clogged() -> tuple[TCPStream, TCPStream]:
+                client, server = await maker()
+                # Fill both send buffers and receive windows: both send_alls park
+                # (the checker clogs each direction in turn).
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(client.send_all, b"x" * (1 << 20))
+                    nursery.start_soon(server.send_all, b"y" * (1 << 20))
+                    await trio.testing.wait_all_tasks_blocked()
+                    nursery.cancel_scope.cancel()
+                return client, server
+
+            await trio.testing.check_half_closeable_stream(maker, clogged)
+
+
+async def test_bulk_transfer_many_connections_intact() -> None:
+    with trio.fail_after(60):
+        async with two_stacks() as (sa, sb, _):
+            listener = sb.listen(B, 5000)
+            blobs = [bytes([i]) * 1000 + bytes(range(256)) * (200 + 37 * i) for i in range(16)]
+            received: dict[int, bytes] = {}
+
+            async def serve_one(stream: TCPStream) -> None:
+                chunks = []
+                async with stream:
+                    while data := await stream.receive_some():
+                        chunks.append(data)
+                    blob = b"".join(chunks)
+                    received[blob[0]] = blob
+                    await stream.send_all(len(blob).to_bytes(4, "big"))
+
+            async def server() -> None:
+                async with trio.open_nursery() as nursery:
+                    for _ in blobs:
+                        nursery.start_soon(serve_one, await listener.accept())
+
+            async def client(blob: bytes) -> None:
+                stream = await sa.connect(B, 5000)
+                assert stream.local_address[0] == A and stream.remote_address == (B, 5000)
+                await stream.send_all(blob)
+                await stream.send_eof()
+                assert await stream.receive_some() == len(blob).to_bytes(4, "big")
+                assert await stream.receive_some() == b""
+                await stream.aclose()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server)
+                for blob in blobs:
+                    nursery.start_soon(client, blob)
+            assert received == {blob[0]: blob for blob in blobs}
+            assert sa.counters["bytes_out"] >= sum(map(len, blobs))
+            assert sb.counters["drop_bad_checksum"] == 0
+
+
+async def test_refused_and_timed_out_connects(autojump_clock: trio.testing.MockClock) -> None:
+    config = TCPConfig(syn_retries=2, initial_rto=0.5)
+    async with two_stacks(config, tap=[lambda p: p[16:20] != bytes([198, 18, 0, 1])]) as (sa, _, _):
+        with pytest.raises(ConnectionRefusedError, match=r"127\.0\.42\.102:7"):
+            await sa.connect(B, 7)
+        with pytest.raises(TimeoutError, match=r"198\.18\.0\.1:80"):
+            await sa.connect("198.18.0.1", 80)  # black-holed by the tap
+        with pytest.raises(ValueError, match="not an IPv4 address"):
+            await sa.connect("nonsense", 80)
+
+
+async def test_lossy_link_recovers(autojump_clock: trio.testing.MockClock) -> None:
+    count = 0
+
+    def drop_every_7th(packet: bytes) -> bool:
+        nonlocal count
+        count += 1
+        return count % 7 != 0
+
+    async with two_stacks(tap=[drop_every_7th]) as (sa, sb, _):
+        client, server = await _pair(sa, sb, 6000)
+        payload = bytes(range(256)) * 2000
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.send_all, payload)
+            got = bytearray()
+            while len(got) < len(payload):
+                got += await server.receive_some()
+        assert got == payload
+
+
+async def test_slow_reader_closes_window_and_bounds_memory() -> None:
+    config = TCPConfig(send_buffer=65536, recv_buffer=65536)
+    with trio.fail_after(30):
+        async with two_stacks(config) as (sa, sb, _):
+            client, server = await _pair(sa, sb, 6001)
+            sent = 0
+
+            async def writer() -> None:
+                nonlocal sent
+                while True:
+                    await client.send_all(b"z" * 4096)
+                    sent += 4096
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer)
+                await trio.testing.wait_all_tasks_blocked()
+                # Nobody reads: the writer is stuck with both buffers full, no more.
+                client_tcp = sa.stack.connections[(A, client.local_address[1], B, 6001)].tcp
+                server_tcp = sb.stack.connections[(B, 6001, A, client.local_address[1])].tcp
+                assert server_tcp.readable_bytes <= 65536
+                assert client_tcp.bytes_in_send_buffer <= 65536
+                assert sent <= 2 * 65536 + 4096
+                stuck_at = sent
+                got = 0
+                while got < 10 * 65536:
+                    got += len(await server.receive_some())
+                assert sent > stuck_at  # reading reopened the window
+                nursery.cancel_scope.cancel()
+
+
+async def test_close_abort_and_half_close() -> None:
+    with trio.fail_after(30):
+        async with two_stacks() as (sa, sb, _):
+            client, server = await _pair(sa, sb, 6002)
+            await client.send_all(b"request")
+            await client.send_eof()
+            assert await server.receive_some() == b"request"
+            assert await server.receive_some() == b""
+            await server.send_all(b"response")  # the other direction still works
+            await server.aclose()
+            assert await client.receive_some() == b"response"
+            assert await client.receive_some() == b""
+            await client.aclose()
+            with pytest.raises(trio.ClosedResourceError):
+                await client.send_all(b"x")
+
+            client, server = await _pair(sa, sb, 6003)
+            client.abort()
+            with pytest.raises(trio.BrokenResourceError, match="was reset"):
+                await server.receive_some()
+            with pytest.raises(trio.ClosedResourceError):
+                await client.receive_some()
+
+
+async def test_cancelled_scope_closes_gracefully() -> None:
+    with trio.fail_after(30):
+        async with two_stacks() as (sa, sb, _):
+            client, server = await _pair(sa, sb, 6004)
+            with trio.CancelScope() as scope:
+                async with client:
+                    await client.send_all(b"last words")
+                    scope.cancel()
+                    await trio.sleep_forever()
+            assert await server.receive_some() == b"last words"
+            assert await server.receive_some() == b""  # FIN, not RST
+
+
+async def test_accept_any_accept_and_refuse() -> None:
+    decided: list[tuple[tuple[str, int], tuple[str, int]]] = []
+
+    async def handler(pending: PendingConnection) -> None:
+        decided.append((pending.local, pending.remote))
+        if pending.local[1] != 22:
+            pending.refuse()
+            return
+        stream = await pending.accept()
+        assert stream.local_address == ("198.18.0.5", 22)
+        async with stream:
+            await stream.send_all(b"SSH-2.0-bastion\r\n")
+
+    with trio.fail_after(30):
+        async with two_stacks() as (sa, sb, _):
+            sb.accept_any(handler)
+            stream = await sa.connect("198.18.0.5", 22)
+            assert await stream.receive_some() == b"SSH-2.0-bastion\r\n"
+            assert await stream.receive_some() == b""
+            await stream.aclose()
+            with pytest.raises(ConnectionRefusedError):
+                await sa.connect("198.18.0.5", 23)
+            assert [d[0] for d in decided] == [("198.18.0.5", 22), ("198.18.0.5", 23)]
+            assert sb.counters["accept_any_offered"] == 2
+            sb.accept_any(None)
+            with pytest.raises(ConnectionRefusedError):
+                await sa.connect(B, 24)  # no hook, no listener: plain RST
+
+
+async def test_listener_close_and_stack_stop() -> None:
+    with trio.fail_after(30):
+        async with two_stacks() as (sa, sb, nursery):
+            listener = sb.listen(B, 0)
+            port = listener.address[1]
+            client, _server = await _pair(sa, sb, 6005)
+            await listener.aclose()
+            with pytest.raises(trio.ClosedResourceError):
+                await listener.accept()
+            with pytest.raises(ConnectionRefusedError):
+                await sa.connect(B, port)
+            nursery.cancel_scope.cancel()
+        with pytest.raises(trio.BrokenResourceError, match="stack stopped"):
+            await client.receive_some()
