@@ -7,9 +7,10 @@ Two agents on this machine (no root needed): "local" (the manager's own host, lo
 mode: the client connects to the real 127.0.99.2:PORT) and "srv" (started through its
 `cmd`, forwards to the servers on 127.0.0.1). Measures bulk MB/s (1 and 8 connections),
 sequential new-connection HTTP GETs per second, 1-byte echo round trips (p50/p99), and the
-RSS and CPU of every process at rest and under load. CPU% per phase shows which process
-limits a figure (one at ~100 % of a core is the bottleneck); --profile DIR also runs the
-manager and the srv agent under cProfile and prints their top functions.
+RSS and CPU of every process at rest and under load. CPU use per phase shows which process
+limits a figure (one at ~100 % of a core is the bottleneck), and the time each spent
+runnable but waiting for a CPU shows what the machine's other load cost. --profile DIR
+also runs the manager and the srv agent under cProfile and prints their top functions.
 """
 
 from __future__ import annotations
@@ -188,11 +189,16 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def cpu_secs(pid: int) -> float:
+def cpu_secs(pid: int) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one), whole process."""
+    on = wait = 0.0
     with contextlib.suppress(OSError):
-        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(f[11]) + int(f[12])) / CLK
-    return 0.0
+        for t in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                f = (t / "schedstat").read_text().split()
+                on += int(f[0]) / 1e9
+                wait += int(f[1]) / 1e9
+    return on, wait
 
 
 class Watch:
@@ -218,7 +224,9 @@ class Watch:
             th.join()
             secs = time.perf_counter() - t0
             for n, p in self.pids.items():
-                usage[n] = (cpu_secs(p) - cpu0[n]) / secs * 100
+                on, wait = cpu_secs(p)
+                usage[n] = (on - cpu0[n][0]) / secs * 100
+                usage[n + " wait"] = (wait - cpu0[n][1]) / secs * 100
 
     def _sample(self) -> None:
         while not self._stop.wait(0.1):
@@ -255,6 +263,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller transfers, shorter runs")
     ap.add_argument("--profile", metavar="DIR", help="cProfile the manager and the srv agent")
+    ap.add_argument("--only", choices=["bulk", "get", "echo"], help="run one measure only")
     ap.add_argument("--serve", nargs=3, type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.serve:
@@ -320,23 +329,27 @@ def main() -> int:
             rows.append((name, fmt(v), fmt(d), ratio(v, d), usage))
 
         pct = lambda v, d: f"{v / d * 100:.1f} %"  # noqa: E731
-        measure("bulk MB/s, 1 conn", lambda ad: bulk(ad, bulk_bytes, 1), 0,
-                lambda v: f"{v:.1f}", pct)
-        measure("bulk MB/s, 8 conns", lambda ad: bulk(ad, bulk_bytes, 8), 0,
-                lambda v: f"{v:.1f}", pct)
-        measure("new-conn GET/s", lambda ad: requests(ad, req_secs), 1,
-                lambda v: f"{v:.0f}", pct)
-        measure("echo RTT p50/p99 ms", lambda ad: echo_rtt(ad, echo_n), 2,
-                lambda v: f"{v[0]:.3f}/{v[1]:.3f}", lambda v, d: f"+{v[1] - d[1]:.3f} p99")
+        if a.only in (None, "bulk"):
+            measure("bulk MB/s, 1 conn", lambda ad: bulk(ad, bulk_bytes, 1), 0,
+                    lambda v: f"{v:.1f}", pct)
+            measure("bulk MB/s, 8 conns", lambda ad: bulk(ad, bulk_bytes, 8), 0,
+                    lambda v: f"{v:.1f}", pct)
+        if a.only in (None, "get"):
+            measure("new-conn GET/s", lambda ad: requests(ad, req_secs), 1,
+                    lambda v: f"{v:.0f}", pct)
+        if a.only in (None, "echo"):
+            measure("echo RTT p50/p99 ms", lambda ad: echo_rtt(ad, echo_n), 2,
+                    lambda v: f"{v[0]:.3f}/{v[1]:.3f}", lambda v, d: f"+{v[1] - d[1]:.3f} p99")
 
         names = list(pids)
         print(f"\nend to end ({'quick' if q else 'full'}; {os.cpu_count()} cores; "
-              f"load avg {os.getloadavg()[0]:.2f}); CPU % per process during each phase")
-        head = f"{'measure':<22}{'via norouter':>14}{'direct':>14}{'ratio':>14}"
-        print(head + "".join(f"{n + ' CPU%':>18}" for n in names))
+              f"load avg {os.getloadavg()[0]:.2f}). Per process during each phase: % of a "
+              f"CPU used / % of the time runnable but waiting for a CPU (machine load)")
+        head = f"{'measure':<22}{'via norouter':>14}{'direct':>12}{'ratio':>12}"
+        print(head + "".join(f"{n:>15}" for n in names))
         for name, v, d, r, usage in rows:
-            print(f"{name:<22}{v:>14}{d:>14}{r:>14}"
-                  + "".join(f"{usage.get(n, 0):>18.0f}" for n in names))
+            print(f"{name:<22}{v:>14}{d:>12}{r:>12}" + "".join(
+                f"{usage.get(n, 0):>9.0f}/{usage.get(n + ' wait', 0):<5.0f}" for n in names))
         print("\nRSS MB: " + ", ".join(f"{n} {rest[n]:.1f} at rest / {w.peak[n]:.1f} peak"
                                        for n in names))
     finally:

@@ -9,7 +9,12 @@ can, yielding to trio every 64 frames as a manager reading agent stdout would. C
   relay, 1 client     plus one websocket client reading everything (same process)
   relay, 1 + stalled  plus a client that completed the handshake and never reads
 
-Usage: python bench/relay_bench.py [--seconds 3]
+Then the same with a real `Manager` and fake agents (one pumps 1400-byte frames to the other,
+which counts them): no relay, an observer whose frame_switched does nothing (the manager's
+per-frame observed path alone), the relay, and the relay with a stalled client. First, the
+CPU time of one `frame_switched` call, which is robust on a loaded machine.
+
+Usage: python bench/relay_bench.py [--seconds 3] [--frames 200000]
 Numbers are frames/s of the switch loop; the machine may be shared, so compare the rows of
 one run rather than across runs.
 """
@@ -23,6 +28,7 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
@@ -76,8 +82,9 @@ async def reader(url: str, stop: trio.Event, counts: dict[str, int]) -> None:
 
 def stalled(port: int, token: str) -> socket.socket:
     """A websocket client that completes the handshake and then never reads."""
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: small window
+    sock.connect(("127.0.0.1", port))
     sock.sendall(
         f"GET /ws?token={token} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
         "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
@@ -138,7 +145,13 @@ async def run_manager_case(name: str, count: int, *, relay_on: bool, stall: bool
     if noop:
         from norouter_trio.manager import Observer
 
-        manager.add_observer(Observer())  # the manager's per-frame path, observer doing nothing
+        class NoopPacketObserver(Observer):
+            """Takes the manager's per-frame (observed) path, then does nothing."""
+
+            def frame_switched(self, src_host: Any, dst_host: Any, packet: bytes) -> None:
+                pass
+
+        manager.add_observer(NoopPacketObserver())
     note = ""
     sock = None
     async with trio.open_nursery() as nursery:
@@ -205,7 +218,7 @@ async def main(seconds: float, count: int) -> None:
     print()
     print("Real Manager, fake agents (tests/fake_agent.py pump -> sink, non-TCP 1400-byte frames)")
     mcases = [("no relay", dict(relay_on=False, stall=False)),
-              ("no-op observer", dict(relay_on=False, stall=False, noop=True)),
+              ("no-op frame observer", dict(relay_on=False, stall=False, noop=True)),
               ("relay, no client", dict(relay_on=True, stall=False)),
               ("relay + stalled", dict(relay_on=True, stall=True))]
     mrows = [await run_manager_case(name, count, **kw)  # type: ignore[arg-type]

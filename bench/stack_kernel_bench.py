@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import netns
 from tun_peer import payload
-from tunbridge import KernelPeer, open_kernel_peer, open_tun_bridge
+from tunbridge import KernelPeer, configure_kernel, open_kernel_peer, open_tun_bridge
 
 from norouter_trio.tcp.netstack import NetStack
 
@@ -44,6 +44,7 @@ async def _received(peer: KernelPeer, size: int, timeout: float) -> float:
 
 async def kernel_to_kernel(size: int) -> float:
     with netns.namespaces("nrbench") as (ns,):
+        configure_kernel(ns)  # cubic, as on the TUN side
         async with open_kernel_peer(ns, "--listen", "127.0.0.1:0", "recv", "close") as sink:
             port = int((await sink.expect("listening"))[1])
             async with open_kernel_peer(ns, "--connect", f"127.0.0.1:{port}",

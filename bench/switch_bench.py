@@ -69,11 +69,12 @@ async def through_manager(size: int, count: int) -> tuple[int, float, dict[str, 
 hosts:
   a:
     vip: 127.0.42.101
-    cmd: ["{sys.executable}", "{FAKE}", "--pump", "127.0.42.102", "--size", "{size}",
-          "--count", "{count}"]
+    cmd: ["{sys.executable}", "{FAKE}", "--features", "tcp,dns", "--pump", "127.0.42.102",
+          "--size", "{size}", "--count", "{count}"]
   b:
     vip: 127.0.42.102
-    cmd: ["{sys.executable}", "{FAKE}", "--sink", "{count}", "--size", "{size}"]
+    cmd: ["{sys.executable}", "{FAKE}", "--features", "tcp,dns", "--sink", "{count}",
+          "--size", "{size}"]
 """
     manager = Manager(load_manifest(text), grace=1.0)
     watcher = SinkWatcher()

@@ -623,7 +623,7 @@ class Manager:
                 for buf, spans in groups:
                     blocked = self._switch(h, buf, spans)
                     if blocked:
-                        await self._wait_for_room(blocked)
+                        await self._wait_for_room(h, blocked)
         finally:
             if not h.terminating:
                 self._terminate(h)
@@ -645,9 +645,7 @@ class Manager:
         counts: dict[HostState, int] = {}
         run_dst: HostState | None = None
         run_start = run_end = run_n = 0
-        nbytes = 0
         for ftype, start, end in spans:
-            nbytes += end - start
             if ftype == 1 and end - start >= 28 and buf[start + 8] >> 4 == 4:
                 dst = live.get(buf[start + 24:start + 28])
                 if dst is None:
@@ -669,10 +667,10 @@ class Manager:
                 buf if run_end - run_start == len(buf) else view[run_start:run_end])
             counts[run_dst] = counts.get(run_dst, 0) + run_n
         src.frames_in += len(spans)
-        src.bytes_in += nbytes
+        src.bytes_in += spans[-1][2] - spans[0][1]  # the spans of a group are contiguous
         blocked: list[_Blocked] = []
         for dst, parts in pending.items():
-            if not self._enqueue(dst, parts, counts[dst]):
+            if not self._enqueue(src, dst, parts, counts[dst]):
                 blocked.append((dst, parts, counts[dst]))
         return blocked
 
@@ -697,7 +695,7 @@ class Manager:
                 self._other_frame(src, ftype, buf[start + 8:end])
         blocked: list[_Blocked] = []
         for dst, parts in pending.items():
-            if not self._enqueue(dst, parts, len(parts)):
+            if not self._enqueue(src, dst, parts, len(parts)):
                 blocked.append((dst, parts, len(parts)))
         return blocked
 
@@ -731,14 +729,14 @@ class Manager:
         log.warning("dropping a packet from %s to %s: %s%s", src.label,
                     ip_str(packet[16:20]), why, more)
 
-    def _enqueue(self, dst: HostState, parts: list[bytes | memoryview], n: int,
-                 *, final: bool = False) -> bool:
+    def _enqueue(self, src: HostState, dst: HostState, parts: list[bytes | memoryview],
+                 n: int, *, final: bool = False) -> bool:
         """Queue frames for ``dst``.  False: the queue is full and the caller may wait for
         room; frames for a congested destination (or with ``final``) are dropped."""
         size = sum(map(len, parts))
         send = dst.send
         assert send is not None
-        if dst.queued_bytes + size <= self.queue_bytes:
+        if dst.queued_bytes == 0 or dst.queued_bytes + size <= self.queue_bytes:
             try:
                 send.send_nowait((parts, n, size))
             except trio.WouldBlock:
@@ -755,19 +753,22 @@ class Manager:
                 log.warning("%s: its queue stays full (%d bytes); dropping frames for it "
                             "until it drains", dst.label, dst.queued_bytes)
             dst.drop("queue_full", n)
+            if self._packet_observers:  # on that path each part is one whole frame
+                for part in parts:
+                    self._notify("frame_dropped", src, "queue_full", bytes(part[8:]))
             return True
         return False
 
-    async def _wait_for_room(self, blocked: list[_Blocked]) -> None:
+    async def _wait_for_room(self, src: HostState, blocked: list[_Blocked]) -> None:
         """Back-pressure for a destination that is merely slower: hold this source's reader
         up to ``BACKPRESSURE_WAIT`` for room, then drop and mark the destination congested
         (frames for it are then dropped at once, so a stuck agent stalls nobody)."""
         for dst, parts, n in blocked:
             with trio.move_on_after(BACKPRESSURE_WAIT):
-                while not self._enqueue(dst, parts, n):
+                while not self._enqueue(src, dst, parts, n):
                     await dst.room.wait()
                 continue
-            self._enqueue(dst, parts, n, final=True)
+            self._enqueue(src, dst, parts, n, final=True)
 
     def _other_frame(self, src: HostState, ftype: int, payload: bytes) -> None:
         if ftype == frames.TYPE_L3:

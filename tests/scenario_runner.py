@@ -381,6 +381,8 @@ class Scenario:
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
         env["PYTHONUNBUFFERED"] = "1"
+        # `python3` in scenario commands is this interpreter (venv, pyenv, CI alike)
+        env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
         return env
 
     def argv(self, cmd: str | list[str]) -> list[str]:
@@ -398,8 +400,10 @@ class Scenario:
     def run_in(self, ns: str, cmd: str | list[str],
                timeout: float) -> subprocess.CompletedProcess[bytes]:
         try:
-            return self.ns[ns].run(self.argv(cmd), check=False, timeout=timeout,
-                                   capture_output=True, env=self.env())
+            done: subprocess.CompletedProcess[bytes] = self.ns[ns].run(
+                self.argv(cmd), check=False, timeout=timeout, capture_output=True,
+                env=self.env())
+            return done
         except subprocess.TimeoutExpired as e:
             raise ScenarioError(f"`{cmd}` in {ns} did not finish within {timeout}s; "
                                 f"output: {(e.stdout or b'')[-2000:]!r}") from None
@@ -541,14 +545,14 @@ class Scenario:
             return f"{st['wait_output']} printed {st['contains']!r}"
         if "kill_agent" in st:
             ns = st["kill_agent"]
-            pids = [p for p in self.norouter_pids(ns)
-                    if b"agent" in Path(f"/proc/{p}/cmdline").read_bytes()]
+            pids = [pid for pid in self.norouter_pids(ns)
+                    if b"agent" in Path(f"/proc/{pid}/cmdline").read_bytes()]
             if not pids:
                 raise ScenarioError(f"no norouter agent runs in {ns}")
             sig = getattr(signal, "SIG" + st.get("signal", "KILL"))
-            for p in pids:
+            for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(p, sig)
+                    os.kill(pid, sig)
             return f"killed agent(s) {pids} in {ns}"
         if "expect_log" in st:
             start = self.log_offset
@@ -617,9 +621,9 @@ class Scenario:
             for w in [wants] if isinstance(wants, str) else wants:
                 if w not in src:
                     problems.append(f"{key.split('_')[0]} lacks {w!r}")
-        for w in [exp.get("stdout_not_contains")] if isinstance(
-                exp.get("stdout_not_contains"), str) else exp.get("stdout_not_contains") or []:
-            if w in text:
+        unwanted = exp.get("stdout_not_contains") or []
+        for w in [unwanted] if isinstance(unwanted, str) else unwanted:
+            if str(w) in text:
                 problems.append(f"stdout has {w!r}")
         if "sha256" in exp and hashlib.sha256(out).hexdigest() != exp["sha256"]:
             problems.append(f"stdout sha256 {hashlib.sha256(out).hexdigest()}, "

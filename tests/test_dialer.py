@@ -177,7 +177,8 @@ class OriginServer:
         self.httpd.release = threading.Event()
         self.ip = ip
         self.port: int = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,),
+                                       daemon=True)
 
     @property
     def connections(self) -> set[tuple[str, int]]:
@@ -536,3 +537,104 @@ async def test_end_to_end_through_two_netstacks(outside: OriginServer, tmp_path:
                                                        "http://db.upstream.test/")
             assert link_a.events == [RouteSuggestion(ip=["198.18.0.7"], route="127.0.42.101")]
             nursery.cancel_scope.cancel()
+
+
+# --- cross-host scenario: namespaces, real agents, a manager --------------------------
+
+ROUTES_DNS_SCENARIO = r"""
+description: >
+  Routes by hostname glob and the built-in DNS. Only `bastion` can resolve and reach
+  *.cloud1.test (dnsmasq and a web server in a subnet behind it; its agent's
+  /etc/resolv.conf points at that dnsmasq). host0's proxies resolve such names by asking
+  bastion's built-in DNS through the virtual network, report a routeSuggestion, and the
+  manager then sends the packets for the answer to bastion, whose bastion mode connects.
+timeout: 90
+namespaces:
+  mgr: {}
+  bastion:
+    files: {resolv.conf: "nameserver 198.18.0.2\n"}
+  subnet:
+    files: {www/index.html: "Hello from the cloud\n"}
+    services:
+      - name: web
+        cmd: python3 -m http.server --bind 198.18.0.2 --directory {dir}/www 80
+        ready: "198.18.0.2:80"
+      - name: dns
+        cmd: >-
+          dnsmasq --keep-in-foreground --no-resolv --no-hosts --bind-interfaces
+          --listen-address=198.18.0.2 --address=/cloud1.test/198.18.0.2
+        ready: "198.18.0.2:53"
+links:
+  - {a: bastion, a_addr: "198.18.0.1/24", b: subnet, b_addr: "198.18.0.2/24"}
+manager: {ns: mgr}
+manifest:
+  hosts:
+    host0:
+      vip: "127.0.42.100"
+      http: {listen: "127.0.0.1:18080"}
+      socks: {listen: "127.0.0.1:18081"}
+      stateDir: {disable: true}
+    bastion:
+      # its own mount namespace, so that /etc/resolv.conf names the subnet's dnsmasq
+      cmd: >-
+        ip netns exec {ns.bastion} unshare -m sh -c 'mount --bind
+        {dir.bastion}/resolv.conf /etc/resolv.conf && exec python3 -m norouter_trio "$@"'
+        agent
+      vip: "127.0.42.150"
+      aliases: ["jump"]
+      stateDir: {disable: true}
+  routes:
+    - via: bastion
+      to: ["*.cloud1.test", "*.cloud2.test"]
+steps:
+  - ready: all
+  - {wait_tcp: "127.0.0.1:18080"}
+  # built-in DNS, through host0's loopback-mode listeners on the name servers
+  - run: dig +tcp +short -p 10053 @127.0.42.150 JUMP
+    expect: {stdout_contains: "127.0.42.150"}
+  - run: dig +tcp +short -p 10053 @127.0.42.100 bastion.
+    expect: {stdout_contains: "127.0.42.150"}
+  - run: dig +tcp +short -p 10053 @127.0.42.150 www.cloud1.test
+    expect: {stdout_contains: "198.18.0.2"}
+  # a name only bastion can resolve, through each proxy
+  - run: curl -fsS --max-time 15 --proxy http://127.0.0.1:18080 http://www.cloud1.test/
+    expect: {stdout_contains: "Hello from the cloud"}
+  - expect_log: "route learned from host0.*198\\.18\\.0\\.2 via 127\\.0\\.42\\.150"
+  - run: >-
+      curl -fsS --max-time 15 --proxy http://127.0.0.1:18080 --proxytunnel
+      http://api.cloud1.test/
+    expect: {stdout_contains: "Hello from the cloud"}
+  - run: curl -fsS --max-time 15 --socks5-hostname 127.0.0.1:18081 http://db.cloud1.test/
+    expect: {stdout_contains: "Hello from the cloud"}
+  - run: curl -fsS --max-time 15 --socks4a 127.0.0.1:18081 http://x.cloud1.test/
+    expect: {stdout_contains: "Hello from the cloud"}
+  # once learned, the address itself is interesting too
+  - run: curl -fsS --max-time 15 --socks5 127.0.0.1:18081 http://198.18.0.2/
+    expect: {stdout_contains: "Hello from the cloud"}
+  # a routed name bastion cannot resolve (dnsmasq refuses cloud2.test), a closed port
+  - run: curl -sS -i --max-time 15 --proxy http://127.0.0.1:18080 http://www.cloud2.test/
+    expect: {stdout_contains: "502"}
+  - run: curl -sS --max-time 15 --socks5-hostname 127.0.0.1:18081 http://www.cloud2.test/
+    expect: {exit: 97}
+  - run: curl -sS -i --max-time 15 --proxy http://127.0.0.1:18080 http://jump:1/
+    expect: {stdout_contains: "connection refused"}
+  - stop_manager: {}
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+def test_scenario_routes_by_glob_and_builtin_dns(tmp_path: Any) -> None:
+    """The scenario above (meant for scenarios/routes_dns.yaml), run by the runner."""
+    import shutil
+
+    from netns import require_netns
+
+    require_netns()
+    for tool in ("dnsmasq", "dig", "curl", "unshare"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"needs {tool}")
+    scenario_runner = pytest.importorskip("scenario_runner")
+    path = tmp_path / "routes_dns.yaml"
+    path.write_text(ROUTES_DNS_SCENARIO)
+    scenario_runner.run_scenario(path)

@@ -255,3 +255,18 @@ def test_target_parsing() -> None:
     assert parse_absolute_uri(b"HTTP://web") == ("web", 80, "web", b"/")
     assert parse_authority(b"[::1]:443") == ("::1", 443)
     assert parse_authority(b"web:22") == ("web", 22)
+
+
+async def test_hop_by_hop_headers_stay_here(web: OriginServer, stack: FakeStack,
+                                            os_dialer: OSDialer) -> None:
+    async with http_proxy(make_dialer(stack, os_dialer)) as proxy:
+        answer = await raw_exchange(proxy, (
+            f"GET http://web:{web.port}/h HTTP/1.1\r\nHost: elsewhere\r\n"
+            "Proxy-Authorization: Basic eDp5\r\nConnection: X-Secret, close\r\n"
+            "X-Secret: 1\r\nX-Kept: 2\r\nKeep-Alive: timeout=5\r\n\r\n").encode())
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert f"host: web:{web.port}\n".encode() in body   # the URI's authority wins
+    assert b"x-kept: 2\n" in body
+    for hidden in (b"proxy-authorization", b"x-secret", b"keep-alive"):
+        assert hidden not in body

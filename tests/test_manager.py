@@ -237,9 +237,11 @@ async def test_agent_that_dies_and_agent_that_sends_garbage(
                      r"at byte offset \d+: magic byte", text)
 
 
-async def test_a_stuck_agent_does_not_stall_the_others(fifos: Callable[[str], str]) -> None:
+@pytest.mark.parametrize("observed", [False, True], ids=["fast-path", "observed-path"])
+async def test_a_stuck_agent_does_not_stall_the_others(fifos: Callable[[str], str],
+                                                       observed: bool) -> None:
     fa, fb, fc = fifos("a"), fifos("b"), fifos("c")
-    rec = Recorder()
+    rec: Recorder = PacketRecorder() if observed else Recorder()
     async with running(three_hosts(fa, fb, fc), rec, queue_bytes=1 << 20) as (manager, ctl):
         await all_ready(rec, ["a", "b", "c"])
         await ctl(fb, "stall")
@@ -249,6 +251,9 @@ async def test_a_stuck_agent_does_not_stall_the_others(fifos: Callable[[str], st
         b = manager.host("b")
         assert b.drops.get("queue_full", 0) > 0
         assert b.queued_bytes <= 1 << 20
+        assert b.congested
+        if observed:
+            assert ("dropped", "a", "queue_full") in rec.events
 
 
 async def test_a_slow_agent_slows_its_sender_instead_of_losing(

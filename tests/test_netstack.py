@@ -13,7 +13,7 @@ from norouter_trio.tcp.connection import TCPConfig
 from norouter_trio.tcp.netstack import NetStack, PendingConnection, TCPStream
 
 A, B = "127.0.42.101", "127.0.42.102"
-Tap = Callable[[bytes], bool]  # return False to drop a packet
+Tap = Callable[[bytes], "bytes | None"]  # the packet to pass on (maybe altered), or None
 
 
 async def _pipe(
@@ -21,8 +21,12 @@ async def _pipe(
 ) -> None:
     async with rx, tx:
         async for packet in rx:
-            if all(f(packet) for f in tap):
-                await tx.send(packet)
+            out: bytes | None = packet
+            for f in tap:
+                if out is not None:
+                    out = f(out)
+            if out is not None:
+                await tx.send(out)
 
 
 @asynccontextmanager
@@ -127,7 +131,9 @@ async def test_bulk_transfer_many_connections_intact() -> None:
 
 async def test_refused_and_timed_out_connects(autojump_clock: trio.testing.MockClock) -> None:
     config = TCPConfig(syn_retries=2, initial_rto=0.5)
-    async with two_stacks(config, tap=[lambda p: p[16:20] != bytes([198, 18, 0, 1])]) as (sa, _, _):
+    async with two_stacks(
+        config, tap=[lambda p: None if p[16:20] == bytes([198, 18, 0, 1]) else p]
+    ) as (sa, _, _):
         with pytest.raises(ConnectionRefusedError, match=r"127\.0\.42\.102:7"):
             await sa.connect(B, 7)
         with pytest.raises(TimeoutError, match=r"198\.18\.0\.1:80"):
@@ -139,10 +145,10 @@ async def test_refused_and_timed_out_connects(autojump_clock: trio.testing.MockC
 async def test_lossy_link_recovers(autojump_clock: trio.testing.MockClock) -> None:
     count = 0
 
-    def drop_every_7th(packet: bytes) -> bool:
+    def drop_every_7th(packet: bytes) -> bytes | None:
         nonlocal count
         count += 1
-        return count % 7 != 0
+        return None if count % 7 == 0 else packet
 
     async with two_stacks(tap=[drop_every_7th]) as (sa, sb, _):
         client, server = await _pair(sa, sb, 6000)
@@ -265,3 +271,53 @@ async def test_listener_close_and_stack_stop() -> None:
             nursery.cancel_scope.cancel()
         with pytest.raises(trio.BrokenResourceError, match="stack stopped"):
             await client.receive_some()
+
+
+async def test_accept_any_slow_decision_absorbs_syn_retransmits(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def slow_handler(pending: PendingConnection) -> None:
+        await trio.sleep(5)  # the client retransmits its SYN meanwhile (RTO 1 s, 2 s)
+        if pending.local[1] == 1:
+            raise RuntimeError("handler bug")  # logged; the SYN is refused
+        if pending.local[1] == 2:
+            return  # undecided: refused
+        async with await pending.accept() as stream:
+            await stream.send_all(b"late but fine")
+
+    async with two_stacks() as (sa, sb, _):
+        sb.accept_any(slow_handler)
+        stream = await sa.connect("198.18.0.7", 3)
+        assert await stream.receive_some() == b"late but fine"
+        assert sb.counters["syn_absorbed"] >= 2
+        assert sb.snapshot()["pending_syns"] == 0
+        for port in (1, 2):
+            with pytest.raises(ConnectionRefusedError, match=rf"198\.18\.0\.7:{port}"):
+                await sa.connect("198.18.0.7", port)
+
+
+async def test_corrupted_packets_dropped_and_recovered(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Checksums are verified by default: a corrupted segment is dropped (counted) and
+    retransmitted, never delivered."""
+    seen = 0
+
+    def corrupt_every_5th_data_packet(packet: bytes) -> bytes | None:
+        nonlocal seen
+        if len(packet) > 200:
+            seen += 1
+            if seen % 5 == 0:
+                return packet[:-1] + bytes((packet[-1] ^ 0x40,))
+        return packet
+
+    async with two_stacks(tap=[corrupt_every_5th_data_packet]) as (sa, sb, _):
+        client, server = await _pair(sa, sb, 6006)
+        payload = bytes(range(256)) * 4000
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.send_all, payload)
+            got = bytearray()
+            while len(got) < len(payload):
+                got += await server.receive_some()
+        assert got == payload
+        assert sb.counters["drop_bad_checksum"] > 0

@@ -60,8 +60,18 @@ def _expected_sack(seg: Segment) -> tuple[tuple[int, int], ...]:
 
 
 @settings(max_examples=150, deadline=None)
-@given(seg=segments)
-def test_round_trip_and_checksums(seg: Segment) -> None:
+@given(
+    seg=segments,
+    ident=st.integers(0, 65535),
+    addrs=st.tuples(st.binary(min_size=4, max_size=4), st.binary(min_size=4, max_size=4)),
+)
+def test_round_trip_and_checksums(seg: Segment, ident: int, addrs: tuple[bytes, bytes]) -> None:
+    src, dst = addrs
+    pkt = build_packet(src, dst, seg, ident=ident)
+    assert rfc1071_reference(pkt[:20]) == 0
+    tcp = pkt[20:]
+    pseudo = src + dst + struct.pack("!BBH", 0, IPPROTO_TCP, len(tcp))
+    assert rfc1071_reference(pseudo + tcp) == 0
     pkt = build_packet(SRC, DST, seg, ident=7)
     # Checksums checked with the slow RFC 1071 loop, independently of the fast path.
     assert rfc1071_reference(pkt[:20]) == 0

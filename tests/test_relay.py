@@ -24,7 +24,7 @@ from trio_websocket import ConnectionRejected, WebSocketConnection, open_websock
 from norouter_trio.relay.flows import FlowTable
 from norouter_trio.relay.observer import RelayObserver
 from norouter_trio.relay.pcap import merged, pcap_bytes
-from norouter_trio.relay.server import Relay, RelayConfig, parse_addr, run_relay
+from norouter_trio.relay.server import Relay, RelayConfig, _is_loopback, parse_addr, run_relay
 from norouter_trio.relay.synthetic import SyntheticManager, TcpConversation, conversations
 
 HOSTS = {"alpha": "127.0.42.101", "beta": "127.0.42.102", "gamma": "127.0.42.103"}
@@ -86,6 +86,9 @@ def test_parse_addr() -> None:
     assert parse_addr("localhost") == ("localhost", 0)
     with pytest.raises(ValueError, match="port"):
         parse_addr("127.0.0.1:http")
+    # What decides the loud warning at startup.
+    assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
+    assert not _is_loopback("0.0.0.0") and not _is_loopback("192.0.2.1")
 
 
 def test_flow_states_and_bound() -> None:
@@ -172,6 +175,15 @@ async def test_refused_without_token_or_with_foreign_origin(
         head = await sock.recv(1024)
         sock.close()
     assert head.startswith(b"HTTP/1.1 403"), head
+    # A broken upgrade (no Sec-WebSocket-Key) is answered 400 by wsproto.
+    with trio.fail_after(10):
+        sock = trio.socket.socket()
+        await sock.connect(("127.0.0.1", relay.port))
+        await sock.send(f"GET /ws?token={relay.token} HTTP/1.1\r\nHost: 127.0.0.1:{relay.port}\r\n"
+                        "Upgrade: websocket\r\nConnection: Upgrade\r\n\r\n".encode())
+        head = await sock.recv(1024)
+        sock.close()
+    assert head.startswith(b"HTTP/1.1 400"), head
     assert relay.clients == set()
     status, body = await http_get(relay.port, "/pcap")
     assert status == 403 and b"token" in body

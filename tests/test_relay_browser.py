@@ -31,6 +31,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 
+pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.skipif(
     not Path(CHROMIUM).exists() or shutil.which("tcpdump") is None,
     reason="needs /usr/bin/chromium and tcpdump",
@@ -73,6 +74,10 @@ def drive_browser(url: str, hosts: list[str], flow_to: str, filter_word: str, sh
             found["filtered"] = page.eval_on_selector_all(
                 "#flows tbody tr", "rs => rs.map(r => r.textContent)")
             page.fill("#flowfilter", "")
+            page.click(f'#diagram g.host[data-host="{filter_word}"]')  # a host box filters too
+            found["clicked"] = (page.input_value("#flowfilter"), page.input_value("#pcaphost"))
+            page.click(f'#diagram g.host[data-host="{filter_word}"]')
+            found["unclicked"] = page.input_value("#flowfilter")
             page.click("#pause")
             found["paused"] = page.inner_text("#pktinfo")
             page.click("#pause")
@@ -81,6 +86,9 @@ def drive_browser(url: str, hosts: list[str], flow_to: str, filter_word: str, sh
             with page.expect_download() as dl:
                 page.click("#pcapbtn")
             dl.value.save_as(str(pcap))
+            bare = ctx.new_page()  # the same page without the token cannot subscribe
+            bare.goto(url.split("?")[0])
+            found["no_token"] = bare.inner_text("#conn")
         finally:
             ctx.close()
     return found
@@ -134,6 +142,8 @@ async def test_page_in_headless_chromium(nursery: trio.Nursery, tmp_path: Path) 
     assert 0 < first < later
     assert found["filtered"] and all("db" in row for row in found["filtered"])
     assert "paused" in found["paused"]
+    assert found["clicked"] == ("db", "db") and found["unclicked"] == ""
+    assert "no token" in found["no_token"]
     assert shot.stat().st_size > 10_000
     out = subprocess.run(["tcpdump", "-nn", "-r", str(pcap)], capture_output=True, text=True,
                          timeout=30, check=True).stdout

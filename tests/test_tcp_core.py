@@ -613,3 +613,108 @@ def test_fast_retransmit_newreno_without_sack_on_three_dupacks() -> None:
     re = a.segments_to_send(now)
     assert [s.seq for s in re if s.payload][:1] == [lost.seq]
     assert a.get_timer() == rto_deadline  # no timeout was needed
+
+
+def test_fin_wait_2_gives_up_after_close_if_peer_never_finishes() -> None:
+    a, b = pair(cfg_a=TCPConfig(fin_wait_2_timeout=5.0))
+    a.shutdown_write(1.0)
+    pump(a, b, 1.0)
+    assert a.state is S.FIN_WAIT_2 and a.get_timer() is None  # half-close: wait forever
+    a.close(2.0)
+    assert a.get_timer() == pytest.approx(7.0)
+    a.handle_timer(7.0)
+    assert a.state is S.CLOSED and events(a)[-1] == ConnectionClosed(CloseReason.NORMAL)
+
+
+def test_persist_override_sends_into_a_small_window() -> None:
+    # A receiver whose window stays below half its largest offer: after the persist
+    # timer the sender fills it anyway (RFC 9293 §3.8.6.2.1 override timeout).
+    a, b = pair(cfg_b=TCPConfig(recv_buffer=10_000))
+    a.set_nodelay(True)
+    a.send(bytes(9_000), 0.0)
+    pump(a, b, 0.0)
+    b.handle_timer(0.04)
+    pump(a, b, 0.04)
+    b.read(3_000, 0.05)  # frees 3000 < min(5000, MSS): no window update by itself
+    assert b.segments_to_send(0.05) == []
+    a.send(bytes(5_000), 0.05)
+    assert a.segments_to_send(0.05) == []  # 1000 bytes of window: too small to use
+    t = a.get_timer()
+    assert t is not None
+    a.handle_timer(t)
+    (small,) = a.segments_to_send(t)
+    assert len(small.payload) == 1000
+
+
+def test_reading_pushed_data_sends_the_delayed_ack_at_once() -> None:
+    a, b = pair()
+    a.send(b"GET / HTTP/1.1\r\n", 0.0)
+    (head,) = a.segments_to_send(0.0)
+    a.send(b"Host: x\r\n\r\n", 0.0)
+    assert a.segments_to_send(0.0) == []  # Nagle holds the second small write
+    b.receive_segment(head, 0.001)
+    assert b.segments_to_send(0.001) == []  # delayed ACK pending
+    b.read(100, 0.002)  # the application consumed it: no reason to wait
+    (ack,) = b.segments_to_send(0.002)
+    a.receive_segment(ack, 0.003)
+    (rest,) = a.segments_to_send(0.003)
+    assert rest.payload == b"Host: x\r\n\r\n"
+
+
+def test_fin_ahead_of_a_gap_is_kept_and_applied_when_the_gap_fills() -> None:
+    a, b = pair()
+    a.set_nodelay(True)
+    a.send(b"abc", 0.0)
+    (first,) = a.segments_to_send(0.0)
+    a.receive_segment(Segment(80, 40000, b.snd_nxt, first.seq + 3, ACK, 1000), 0.0)
+    a.shutdown_write(0.0)
+    (fin,) = a.segments_to_send(0.0)
+    assert fin.flags & FIN and not fin.payload
+    b.receive_segment(fin, 0.01)  # FIN arrives before the data it follows
+    assert b.state is S.ESTABLISHED
+    b.receive_segment(first, 0.02)
+    assert b.state is S.CLOSE_WAIT and b.read(10, 0.02) == b"abc"
+    assert EOFReceived() in events(b)
+
+
+def test_every_listed_transition_is_taken_by_some_scenario(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import norouter_trio.tcp.connection as connection_module
+
+    seen: set[tuple[TCPState, Input]] = set()
+
+    def spy(state: TCPState, inp: Input) -> TCPState:
+        seen.add((state, inp))
+        return next_state(state, inp)
+
+    monkeypatch.setattr(connection_module, "next_state", spy)
+    test_active_open_sends_syn_with_options_and_retransmits_with_backoff()
+    test_passive_open_retransmits_syn_ack_and_answers_duplicate_syn()
+    test_simultaneous_open()
+    test_syn_sent_rst_means_refused_and_bad_ack_gets_rst()
+    test_active_close_walks_fin_wait_and_time_wait_with_exact_deadline()
+    test_simultaneous_close_goes_through_closing()
+    test_close_in_syn_sent_without_data_just_closes()
+    test_close_with_unread_data_resets()
+    test_fin_wait_2_gives_up_after_close_if_peer_never_finishes()
+    test_rto_deadline_retransmission_backoff_and_user_timeout()
+    test_exact_rst_closes_every_state(S.SYN_RECEIVED, CloseReason.REFUSED)
+    for state in (S.ESTABLISHED, S.FIN_WAIT_1, S.FIN_WAIT_2, S.CLOSE_WAIT, S.LAST_ACK):
+        test_exact_rst_closes_every_state(state, CloseReason.RESET)
+    for state in (S.CLOSING, S.TIME_WAIT):
+        test_exact_rst_closes_every_state(state, CloseReason.NORMAL)
+    any_state = (Input.APP_ABORT, Input.GIVE_UP, Input.RCV_RST)
+    listed = {key for key in transitions() if key[1] not in any_state}
+    assert listed - seen == set()
+    assert {(st, Input.RCV_RST) for st in S if st not in (S.CLOSED, S.LISTEN, S.SYN_SENT)} <= seen
+
+
+def test_filling_the_send_buffer_exactly_also_promises_writable() -> None:
+    a, b = pair(cfg_a=TCPConfig(send_buffer=4000))
+    assert a.send(bytes(4000), 0.0) == 4000
+    assert a.send_buffer_free == 0
+    pump(a, b, 0.0)
+    b.handle_timer(0.04)
+    pump(a, b, 0.04)
+    assert events(a) == [Writable()] and a.send_buffer_free == 4000

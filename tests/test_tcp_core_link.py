@@ -11,10 +11,11 @@ import random
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tcplink import LinkFaults, connected_pair
+from tcplink import A_ADDR, B_ADDR, Link, LinkFaults, Peer, connected_pair
 
-from norouter_trio.tcp.connection import TCPConfig
-from norouter_trio.tcp.events import CloseReason, ConnectionClosed
+from norouter_trio.tcp.connection import TCPConfig, TCPConnection
+from norouter_trio.tcp.events import CloseReason, ConnectionClosed, ConnectionReset
+from norouter_trio.tcp.packets import ACK, RST, SYN, Segment
 from norouter_trio.tcp.state import TCPState
 
 near_wrap = st.integers(min_value=2**32 - 200_000, max_value=2**32 - 1)
@@ -143,3 +144,47 @@ def test_syn_and_syn_ack_losses_are_retransmitted() -> None:
     syns = [s for _, d, s in link.log if s.flags == 0x02]
     synacks = [s for _, d, s in link.log if s.flags == 0x12]
     assert len(syns) >= 3 and len(synacks) >= 3
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    drop=st.sampled_from([0.0, 0.1, 0.3]),
+    dup=st.sampled_from([0.0, 0.2]),
+    isn_a=near_wrap,
+    isn_b=near_wrap,
+    seed=st.integers(0, 2**32),
+)
+def test_simultaneous_open_and_close_over_lossy_link(
+    drop: float, dup: float, isn_a: int, isn_b: int, seed: int
+) -> None:
+    rng = random.Random(seed)
+    a = Peer("a", rng.randbytes(rng.randrange(0, 20_000)))
+    b = Peer("b", rng.randbytes(rng.randrange(0, 20_000)))
+    link = Link(a, b, faults=LinkFaults(drop=drop, dup=dup, delay=0.002, jitter=0.002), rng=rng)
+    cfg = TCPConfig(max_retries=40, syn_retries=40, max_rto=2.0)
+    a.conn = TCPConnection.connect(A_ADDR, B_ADDR, 0.0, cfg, isn_a)
+    b.conn = TCPConnection.connect(B_ADDR, A_ADDR, 0.0, cfg, isn_b)
+    _finish(link)
+    assert bytes(b.received) == bytes(a.to_send) and bytes(a.received) == bytes(b.to_send)
+    assert a.closed == b.closed == ConnectionClosed(CloseReason.NORMAL)
+
+
+def test_blind_rst_and_syn_injection_mid_transfer_is_not_obeyed() -> None:
+    rng = random.Random(11)
+    data = rng.randbytes(400_000)
+    link = connected_pair(data, b"", faults=LinkFaults(delay=0.002), rng=rng)
+    link.run(lambda: len(link.b.received) > 100_000, max_steps=10_000)
+    b = link.b.conn
+    assert b is not None
+    # An attacker who guesses a sequence number inside B's window, but not RCV.NXT.
+    for off in (1, 1000, 30_000):
+        n_before = len(link.log)
+        link.inject("a->b", Segment(40000, 80, (b.rcv_nxt + off) & 0xFFFFFFFF, 0, RST, 0))
+        link.inject("a->b", Segment(40000, 80, (b.rcv_nxt + off) & 0xFFFFFFFF, 0, SYN, 512))
+        challenges = [s for _, d, s in link.log[n_before:] if d == "b->a" and s.flags == ACK]
+        assert len(challenges) >= 2
+        assert b.state is TCPState.FIN_WAIT_2  # B had nothing to send; still receiving
+        assert not any(isinstance(ev, ConnectionReset) for ev in link.b.events)
+    _finish(link)
+    assert bytes(link.b.received) == data
+    assert link.a.closed == link.b.closed == ConnectionClosed(CloseReason.NORMAL)

@@ -6,13 +6,14 @@ directions: kernel client -> our listener, and our client -> kernel listener.
 The first tests check the bridge against the kernel alone with hand-built packets, so a
 bridge fault is never blamed on the stack. Bulk transfers move 64 MiB each way; the lossy
 ones (drop 2 %, duplicate 1 %, reorder 3 %, in both directions so ACKs suffer too) move
-8 MiB to keep this file to a few minutes, at the 65535 MTU (few big segments) and at 1500
-(thousands of segments, so recovery runs often). On failure the last packets crossing the
-bridge are printed (pytest shows them with the failure).
+8 MiB to keep this file to a few minutes, at the 65535 MTU (few big segments), at 1500
+(thousands of segments, so recovery runs often) and with 5 ms added each way. On failure
+the last packets crossing the bridge are printed (pytest shows them with the failure).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -34,6 +35,7 @@ PROBE_GAP = 0.15
 # The seed is one whose first 60 decisions in each direction include every fault, so even
 # the 65535-MTU runs (about 130 data packets, 80 ACKs) see drops, duplicates and reorders.
 LOSSY = Faults(drop=0.02, duplicate=0.01, reorder=0.03, reorder_after=3, seed=20240631)
+LOSSY_DELAYED = dataclasses.replace(LOSSY, delay=0.005)  # a 10 ms RTT for the RTO to learn
 
 
 # --- the fault injector alone (sans-IO) ---------------------------------------------------
@@ -266,17 +268,19 @@ async def test_bulk_64mib(direction: str) -> None:
 
 @pytest.mark.netns
 @pytest.mark.slow
-@pytest.mark.parametrize("mtu", [65535, 1500])
+@pytest.mark.parametrize(("mtu", "faults"), [(65535, LOSSY), (1500, LOSSY),
+                                             (65535, LOSSY_DELAYED)],
+                         ids=["mtu65535", "mtu1500", "mtu65535-delay5ms"])
 @pytest.mark.parametrize("direction", ["kernel_to_stack", "stack_to_kernel"])
-async def test_bulk_lossy(direction: str, mtu: int) -> None:
+async def test_bulk_lossy(direction: str, mtu: int, faults: Faults) -> None:
     """8 MiB with 2 % drop, 1 % duplicate, 3 % reorder both ways: intact, and it finishes."""
     with trio.fail_after(120):
-        async with stack_vs_kernel(faults=LOSSY, mtu=mtu) as (br, stack):
+        async with stack_vs_kernel(faults=faults, mtu=mtu) as (br, stack):
             transfer = kernel_to_stack if direction == "kernel_to_stack" else stack_to_kernel
             await transfer(br, stack, LOSSY_BULK, 8)
-            faults = br.fault_counters()
-            assert all(n > 0 for counts in faults.values() for n in counts.values()), \
-                f"the bridge injected too few faults to test anything: {faults}"
+            injected = br.fault_counters()
+            assert all(n > 0 for counts in injected.values() for n in counts.values()), \
+                f"the bridge injected too few faults to test anything: {injected}"
 
 
 @pytest.mark.netns
@@ -337,6 +341,27 @@ async def test_rst_from_kernel_for_closed_port() -> None:
             with pytest.raises(ConnectionRefusedError):
                 await stack.connect(br.kernel_ip, 9)
             assert (await rst.wait(1)).sport == 9
+
+
+@pytest.mark.netns
+async def test_kernel_reset_breaks_our_stream() -> None:
+    """A RST on an established connection surfaces as BrokenResourceError, both calls."""
+    with trio.fail_after(30):
+        async with stack_vs_kernel() as (br, stack), \
+                br.open_peer("--listen", f"{br.kernel_ip}:0", "recvn:5", "abort") as peer:
+            port = int((await peer.expect("listening"))[1])
+            rst = br.watch(FROM_KERNEL, lambda p: bool(p.flags & tp.RST), "RST")
+            stream = await stack.connect(br.kernel_ip, port)
+            await stream.send_all(b"12345")
+            await peer.expect("connected")
+            await peer.expect("received")
+            await peer.expect("aborted")
+            await rst.wait(5)
+            with pytest.raises(trio.BrokenResourceError):
+                await stream.receive_some(100)
+            with pytest.raises(trio.BrokenResourceError):
+                await send_data(stream, b"after the reset")
+            await stream.aclose()
 
 
 @pytest.mark.netns

@@ -11,17 +11,21 @@ the test can follow along without sleeping:
     shut          shutdown(SHUT_WR): our FIN, half-close              -> "shut"
     wait          block until a line arrives on stdin                -> "waiting", later "resumed"
     close         close the socket                                   -> "closed"
+    abort         close with SO_LINGER 0, which sends RST            -> "aborted"
 
 Other lines: "listening PORT", "connected LOCAL PEER", "refused", "error TYPE MESSAGE",
-"done" last. Usage: python3 tun_peer.py (--listen|--connect) IP:PORT [--rcvbuf N] STEP...
+"done" last. Usage: python3 tun_peer.py (--listen|--connect) IP:PORT [--rcvbuf N]
+[--cc cubic] [--timeout S] STEP...
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import random
 import socket
+import struct
 import sys
 import time
 
@@ -42,12 +46,23 @@ def _addr(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def new_socket(args: argparse.Namespace) -> socket.socket:
+    """A TCP socket with the chosen congestion control (accepted sockets inherit it)."""
+    sock = socket.socket()
+    if args.cc:
+        # Root may pick any built-in algorithm per socket, even where the namespace's
+        # sysctl may not; a kernel without it keeps its default.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, args.cc.encode())
+    if args.rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, args.rcvbuf)
+    return sock
+
+
 def open_socket(args: argparse.Namespace) -> socket.socket:
     if args.listen:
-        srv = socket.socket()
+        srv = new_socket(args)
         srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if args.rcvbuf:
-            srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, args.rcvbuf)
         srv.bind(_addr(args.listen))
         srv.listen(1)
         srv.settimeout(args.timeout)
@@ -55,9 +70,7 @@ def open_socket(args: argparse.Namespace) -> socket.socket:
         sock, _ = srv.accept()
         srv.close()
     else:
-        sock = socket.socket()
-        if args.rcvbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, args.rcvbuf)
+        sock = new_socket(args)
         sock.settimeout(args.timeout)
         sock.connect(_addr(args.connect))
     sock.settimeout(args.timeout)
@@ -104,6 +117,10 @@ def run_step(sock: socket.socket, step: str) -> None:
     elif name == "close":
         sock.close()
         say("closed")
+    elif name == "abort":
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        say("aborted")
     else:
         raise ValueError(f"unknown step {step!r}")
 
@@ -115,6 +132,7 @@ def main() -> int:
     where.add_argument("--connect", metavar="IP:PORT")
     parser.add_argument("--rcvbuf", type=int, default=0, help="SO_RCVBUF before connecting")
     parser.add_argument("--timeout", type=float, default=60.0, help="per socket call")
+    parser.add_argument("--cc", default="cubic", help="TCP congestion control ('' = default)")
     parser.add_argument("steps", nargs="*")
     args = parser.parse_args()
     try:

@@ -15,6 +15,8 @@ Addressing, and why:
 - `net.ipv4.conf.all.route_localnet=1` (set by `netns.create`) lets the kernel accept
   127/8 sources on, and route 127/8 destinations to, a non-loopback device.
 - IPv6 is disabled in the namespace so the TUN carries no router solicitations or MLD.
+- Kernel sockets (tun_peer.py) use cubic, Linux's default, not the host's choice: a BBR
+  sender paces to the bandwidth it measured, which mirrors our own speed back at us.
 
 MTU and offloads: the TUN MTU defaults to 65535 (the largest a TUN takes; our link MTU is
 65536), so the kernel's MSS is 65495. Without IFF_VNET_HDR and TUNSETOFFLOAD the TUN has no
@@ -43,6 +45,7 @@ import logging
 import math
 import os
 import random
+import select
 import struct
 import subprocess
 import sys
@@ -313,9 +316,18 @@ def open_tun_in(ns: netns.Netns, ifname: str) -> int:
     return fd
 
 
-def _configure(ns: netns.Netns, ifname: str, vip_net: str, kernel_ip: str, mtu: int) -> int:
+def configure_kernel(ns: netns.Netns) -> None:
+    """Reference-peer sysctls: no IPv6, so the TUN carries no router solicitations or MLD.
+
+    The congestion control is not set here: a namespace may only pick one from the host's
+    `tcp_allowed_congestion_control` list, so tun_peer.py sets cubic per socket instead.
+    """
     ns.run(["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1",
             "net.ipv6.conf.default.disable_ipv6=1"])
+
+
+def _configure(ns: netns.Netns, ifname: str, vip_net: str, kernel_ip: str, mtu: int) -> int:
+    configure_kernel(ns)
     fd = open_tun_in(ns, ifname)
     try:
         ns.run(["ip", "link", "set", ifname, "mtu", str(mtu), "up"])
@@ -434,12 +446,12 @@ async def open_tun_bridge(*, vip: str = "127.0.42.1", vip_net: str = "127.0.42.0
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
-            trio.lowlevel.notify_closing(fd)
-            os.close(fd)
             if pcap is not None:
                 pcap.terminate()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     pcap.wait(timeout=5)
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
 
 
 def _start_pcap(ns: netns.Netns, ifname: str) -> subprocess.Popen[bytes] | None:
@@ -448,8 +460,18 @@ def _start_pcap(ns: netns.Netns, ifname: str) -> subprocess.Popen[bytes] | None:
         return None
     path = Path(where) / f"{ns.name}-{ifname}.pcap"
     log.info("capturing %s in %s to %s", ifname, ns.name, path)
-    return ns.popen(["tcpdump", "-q", "-U", "-s", "128", "-i", ifname, "-w", str(path)],
-                    stderr=subprocess.DEVNULL)
+    proc = ns.popen(["tcpdump", "-U", "-s", "128", "-i", ifname, "-w", str(path)],
+                    stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    # tcpdump says "listening on ..." once it captures; without waiting the first packets
+    # would be missed.
+    ready, _, _ = select.select([proc.stderr], [], [], 5)
+    if ready:
+        proc.stderr.readline()
+    else:
+        log.warning("tcpdump on %s did not start within 5 s; the capture may miss packets",
+                    ifname)
+    return proc
 
 
 class KernelPeer:

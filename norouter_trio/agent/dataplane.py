@@ -10,13 +10,18 @@ two pumps (``pump.join``) with half-close and resets carried through.
 - loopback: OS listener on each `others` IP:PORT and name server -> stack connection to
   the same address; own forwards also on the real VIP:LISTEN_PORT -> the target directly
 - bastion: a SYN for an address that is not the VIP -> OS connection to that address
-  first, then accept in the stack (or refuse with RST when the OS connect fails)
+  first, then accept in the stack (or refuse with RST when the OS connect fails); the
+  stack absorbs retransmitted SYNs meanwhile, and each SYN has its own decision task
+- services: built-in DNS on VIP:10053 in the stack (and on the real VIP:10053 in loopback
+  mode, served directly), HTTP / SOCKS proxies on their OS addresses, the state dir.
+  Each is guarded: a failing one is logged and the forwards keep working.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import logging
 import sys
 import time
@@ -84,10 +89,28 @@ async def open_os_listener(ip: str, port: int, why: str) -> trio.SocketListener:
     return trio.SocketListener(sock)
 
 
+def _is_ipv4(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
+
+
 async def open_os_stream(host: str, port: int) -> trio.SocketStream:
-    """OS connection; host names resolved in a thread (trio's getaddrinfo), bounded time."""
+    """OS connection in bounded time. An IPv4 address is connected directly (half the CPU
+    of `open_tcp_stream`, which counts at hundreds of new connections a second); a host
+    name goes through `open_tcp_stream`, resolved in a thread by trio's getaddrinfo."""
     try:
         with trio.fail_after(OS_CONNECT_TIMEOUT):
+            if _is_ipv4(host):
+                sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+                try:
+                    await sock.connect((host, port))
+                except BaseException:
+                    sock.close()
+                    raise
+                return trio.SocketStream(sock)  # sets TCP_NODELAY
             stream = await trio.open_tcp_stream(host, port)
     except trio.TooSlowError:
         raise TimeoutError(f"connect to {host}:{port} timed out") from None

@@ -163,7 +163,11 @@ class Dialer:
         self._globs: list[tuple[str, str]] = []  # (lower-case glob, via)
         for route in routes:
             for cidr in route.to_cidr or ():
-                self._cidrs.append(ipaddress.IPv4Network(cidr, strict=False))
+                try:
+                    self._cidrs.append(ipaddress.IPv4Network(cidr, strict=False))
+                except ValueError:
+                    log.warning("%s: route via %s: ignoring %r (not an IPv4 CIDR)",
+                                label or "agent", route.via, cidr)
             for glob in route.to_hostname_glob or ():
                 self._globs.append((normalize_host(glob), route.via))
         # Later routes win, as in the manager's table: search them last-first.

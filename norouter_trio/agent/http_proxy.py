@@ -13,9 +13,10 @@ After an error the connection is closed; the proxy keeps serving everyone else.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 from urllib.parse import urlsplit
 
 import h11
@@ -84,16 +85,26 @@ def parse_authority(target: bytes) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def end_to_end_headers(headers: Headers, *, drop: frozenset[bytes] = frozenset()) -> Headers:
-    """Headers without the hop-by-hop ones (including those named in `Connection:`)."""
+class ParsedHeaders(Protocol):
+    """h11's header list: lower-case (name, value) pairs, and the names as received."""
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]: ...
+    def raw_items(self) -> list[tuple[bytes, bytes]]: ...
+
+
+def end_to_end_headers(headers: ParsedHeaders,
+                       *, drop: frozenset[bytes] = frozenset()) -> Headers:
+    """Headers without the hop-by-hop ones (including those named in `Connection:`),
+    with their names spelled as received."""
     named = {token.strip().lower() for name, value in headers if name == b"connection"
              for token in value.split(b",")}
     skip = _HOP_BY_HOP | named | drop
-    return [(name, value) for name, value in headers if name not in skip]
+    return [(raw, value) for raw, value in headers.raw_items() if raw.lower() not in skip]
 
 
 def _has_body(headers: Headers) -> bool:
     for name, value in headers:
+        name = name.lower()
         if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
             return True
     return False
@@ -279,7 +290,7 @@ class _ProxyConnection:
             await self.send_error(400, str(exc))
             return False
         headers = [(b"host", authority.encode("ascii", "replace")),
-                   *end_to_end_headers(list(request.headers), drop=frozenset({b"host"}))]
+                   *end_to_end_headers(request.headers, drop=frozenset({b"host"}))]
         outgoing = h11.Request(method=request.method, target=path, headers=headers)
         self.request_read = False
         has_body = _has_body(headers)
@@ -390,12 +401,12 @@ class _ProxyConnection:
                     if event.status_code != 101:
                         self.flush.out += self.conn.send(h11.InformationalResponse(
                             status_code=event.status_code, reason=event.reason,
-                            headers=end_to_end_headers(list(event.headers))))
+                            headers=end_to_end_headers(event.headers)))
                 elif isinstance(event, h11.Response):
                     ex.response_started = True
                     self.flush.out += self.conn.send(h11.Response(
                         status_code=event.status_code, reason=event.reason,
-                        headers=end_to_end_headers(list(event.headers))))
+                        headers=end_to_end_headers(event.headers)))
                 elif isinstance(event, h11.Data):
                     parts = self.conn.send_with_data_passthrough(h11.Data(data=event.data)) or []
                     if len(event.data) < _COPY_LIMIT:

@@ -100,15 +100,10 @@ async def join(a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStream,
             nursery.start_soon(direction, a, b, True, nursery.cancel_scope)
             nursery.start_soon(direction, b, a, False, nursery.cancel_scope)
     finally:
+        # Closing never waits here (both stream kinds close at once, FIN after queued
+        # data, or RST once aborted), and aclose_forcefully does not raise Cancelled, so
+        # both get closed even while the agent is shutting down.
         for s in (a, b):
             with contextlib.suppress(*STREAM_ERRORS):
-                await trio.aclose_forcefully(s) if result.error else await _close(s)
+                await trio.aclose_forcefully(s)
     return result
-
-
-async def _close(stream: trio.abc.Stream) -> None:
-    """Graceful close, but never wait long for it (the data has already been handed over)."""
-    with trio.move_on_after(5) as scope:
-        await stream.aclose()
-    if scope.cancelled_caught:
-        await trio.aclose_forcefully(stream)

@@ -33,9 +33,12 @@ README = """\
 This directory is written by the NoRouter agent each time it is configured.
 
 hosts
-    The system hosts file (/etc/hosts) with a block, between the lines
-    "{begin}" and "{end}", that maps every NoRouter host name and alias
-    to its virtual IP. Use it with tools that accept a hosts file.
+    The system hosts file (/etc/hosts) with a block that maps every NoRouter host
+    name and alias to its virtual IP, between the lines
+        {begin}
+        {end}
+    Use it with tools that accept a hosts file (writeEtcHosts puts the same block
+    into /etc/hosts itself).
 
 hostaliases
     "NAME IP.nip.io" for every NoRouter name without a dot (plus the entries of the

@@ -1,7 +1,7 @@
 """The relay's manager observer: turns switch and lifecycle callbacks into relay state.
 
-`frame_switched` runs on the switch's hot path for every frame: it does O(1) work (counters,
-a ring append, a flow-table update, a token-bucket check) and never awaits or blocks. The
+`frame_switched` runs on the switch's hot path for every frame: it does O(1) work (a ring
+append, a flow-table update, a rate-limit check) and never awaits or blocks. The
 websocket side reads this state from its own tasks (one tick per second) so that the switch
 never waits for a browser.
 """
@@ -88,7 +88,6 @@ class RelayObserver:
         self.hosts: dict[str, HostInfo] = {}
         self.events: deque[dict[str, Any]] = deque(maxlen=200)
         self.learned: OrderedDict[str, str] = OrderedDict()
-        self.routes_version = 0
         # Set by the relay: called with each lifecycle / route message (never blocks).
         self.publish: Callable[[dict[str, Any]], None] = lambda msg: None
 
@@ -171,7 +170,6 @@ class RelayObserver:
             self.learned.move_to_end(str(ip))
         while len(self.learned) > 512:
             self.learned.popitem(last=False)
-        self.routes_version += 1
         self._event({"type": "routeSuggestion", "t": self.clock(), "ip": [str(i) for i in ips],
                      "route": via_s})
 

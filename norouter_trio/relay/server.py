@@ -15,11 +15,13 @@ within `stall_timeout` seconds is disconnected.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
 import json
 import logging
 import secrets
+import socket
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -246,7 +248,8 @@ class Relay:
         if self.host in ("0.0.0.0", "::"):
             self._allowed_hosts = None
         else:
-            names = {f"{shown}:{self.port}"}
+            # Unbracketed IPv6 too: some clients (trio-websocket) send Host like that.
+            names = {f"{shown}:{self.port}", f"{self.host}:{self.port}"}
             if _is_loopback(self.host):
                 names.add(f"localhost:{self.port}")
             self._allowed_hosts = names
@@ -342,16 +345,18 @@ class Relay:
         self, stream: trio.SocketStream, raw: bytes, target: str, headers: dict[bytes, bytes]
     ) -> None:
         peer = _peer(stream)
-        try:
-            import socket as _socket
-
-            stream.socket.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF, self.config.send_buffer)
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.send_buffer)
         async with trio.open_nursery() as nursery:
-            request = await wrap_server_stream(
-                nursery, _PrefixedStream(stream, raw), max_message_size=64 * 1024
-            )
+            request = None
+            with trio.move_on_after(self.config.handshake_timeout):
+                request = await wrap_server_stream(
+                    nursery, _PrefixedStream(stream, raw), max_message_size=64 * 1024
+                )
+            if request is None:  # wsproto refused the handshake (it answered 400 itself)
+                log.warning("relay: bad websocket handshake from %s", peer)
+                nursery.cancel_scope.cancel()
+                return
             problem = None
             if urlsplit(target).path != "/ws":
                 problem = f"no websocket at {urlsplit(target).path}; use /ws"

@@ -5,13 +5,17 @@ The one's-complement sum of 16-bit words is the buffer's value modulo 0xFFFF, be
 C-speed) and reduced. Reducing a huge integer with `%` walks its 30-bit digits with one
 hardware division each, so it is first *folded*: for k a multiple of 16,
 n = hi·2**k + lo ≡ hi + lo, and shifts/masks/adds on big integers are much cheaper than
-division. Little-endian reading is a little faster than big-endian; RFC 1071 §2(B) makes the
-sum byte-order independent, so the result is byte-swapped back at the end.
+division. k runs over powers of two so the few masks are built once. Little-endian reading
+is a little faster than big-endian; RFC 1071 §2(B) makes the sum byte-order independent,
+so the result is byte-swapped back at the end.
 
-Measured on 64 KiB (loaded 2-core box): plain `% 0xFFFF` ~140 µs, folded ~90 µs,
-`array('H')` ~590 µs, `memoryview.cast('Q')` summing ~340 µs, numpy ~15 µs. numpy is used as
-an optional accelerator for large buffers when it is importable (imported lazily, never
-required; `set_numpy(False)` turns it off).
+Measured per 64 KiB on the loaded 2-core box (relative figures matter; see
+bench/stack_bench.py): `int.from_bytes % 0xFFFF` ~1.3x the folded time, folded (used)
+1x, `memoryview.cast('Q')` summing ~3x, `array('H')` ~6x, numpy ~0.1x. numpy is used as an
+optional accelerator for buffers >= NUMPY_THRESHOLD when importable (imported lazily on
+first use, never required; `set_numpy(False)` turns it off). Splitting the buffer into
+chunks before `int.from_bytes` gained nothing measurable. `update_checksum` (RFC 1624) is
+for changing one header word without re-summing a payload.
 
 The one's-complement sum has two zeros; RFC 1071's end-around-carry fold only yields 0 for
 an all-zero buffer and 0xFFFF otherwise. `ones_sum` reproduces that exactly.
@@ -47,15 +51,27 @@ def _numpy() -> Any:
     return _np if _np_state == 1 else None
 
 
+# Masks for folding at k = 256, 512, ... bits (k a power of two, so the handful of masks
+# can be built once: ~64 KiB of integers for buffers up to 128 KiB).
+_MASKS = {1 << i: (1 << (1 << i)) - 1 for i in range(8, 21)}
+
+
 def _fold_sum(data: bytes | bytearray | memoryview) -> int:
     """Pure-Python one's-complement sum (RFC 1071 result, 0..0xFFFF)."""
     n = int.from_bytes(data, "little")
     if not n:
         return 0
-    k = ((len(data) * 4) + 15) & ~15  # half the bits, rounded up to whole 16-bit words
-    while k >= 256:
-        n = (n >> k) + (n & ((1 << k) - 1))
-        k = ((k >> 1) + 15) & ~15
+    bits = len(data) * 8
+    if bits > 512:  # headers go straight to %: folding only pays on big buffers
+        k = 256
+        while 2 * k < bits:
+            k <<= 1
+        while k >= 256:  # invariant: n < 2**(2k); each fold halves the size
+            mask = _MASKS.get(k)
+            if mask is None:
+                mask = (1 << k) - 1
+            n = (n >> k) + (n & mask)
+            k >>= 1
     r = n % 0xFFFF
     if r == 0:
         return 0xFFFF  # non-zero data whose sum is ≡ 0: RFC 1071 yields 0xFFFF

@@ -112,6 +112,7 @@ class TCPConfig:
     timestamps: bool = True  # RFC 7323 §3 (echoed; RTT is measured by timing segments)
     challenge_ack_limit: int = 10  # per second, RFC 5961 §7
     persist_max: float = 60.0  # cap for the zero-window probe interval
+    fin_wait_2_timeout: float = 60.0  # after close(), if the peer never sends its FIN
 
     def __post_init__(self) -> None:
         if not 64 <= self.mss <= DEFAULT_MSS:
@@ -148,12 +149,15 @@ class TCPConnection:
         "_force_small",
         "_last_ooo",
         "_lport",
+        "_ltx",
         "_nagle",
         "_ooo",
         "_ooo_fin",
         "_out",
+        "_pass_mark",
         "_persist_backoff",
         "_persist_deadline",
+        "_pushed",
         "_rbuf",
         "_rcv_adv",
         "_rcv_wscale",
@@ -247,6 +251,8 @@ class TCPConnection:
         self._sack = SackScoreboard()
         self._rexmit_next = iss
         self._rexmit_budget = 0
+        self._pass_mark = iss
+        self._ltx = 0
         self._rtt_seq: int | None = None
         self._rtt_time = 0.0
         self._retries = 0
@@ -257,6 +263,7 @@ class TCPConnection:
         self._tw_deadline: float | None = None
         self._ack_now = False
         self._segs_unacked = 0
+        self._pushed = False
         self._syn_needed = False
         self._out: list[Segment] = []
         self._events: deque[Event] = deque()
@@ -352,8 +359,8 @@ class TCPConnection:
     def send(self, data: bytes | bytearray | memoryview, now: float) -> int:
         """Queue bytes for sending; returns how many fit in the send buffer.
 
-        When fewer than `len(data)` were taken, a `Writable` event follows once the peer
-        acknowledges data and room frees up.
+        When fewer than `len(data)` were taken, or the buffer is now full, a `Writable`
+        event follows once the peer acknowledges data and room frees up.
         """
         if self.state not in APP_CAN_SEND or self._fin_queued:
             raise TCPStateError(
@@ -363,12 +370,15 @@ class TCPConnection:
         sbuf = self._sbuf
         room = self._sndbufsize - len(sbuf)
         n = len(data)
-        if n > room:
-            n = max(room, 0)
+        if n >= room:
+            # Cut short, or the buffer is now exactly full: either way the caller will
+            # want to hear when room frees up.
             self._want_writable = True
-            if n == 0:
-                return 0
-            data = memoryview(data)[:n]
+            if n > room:
+                n = max(room, 0)
+                if n == 0:
+                    return 0
+                data = memoryview(data)[:n]
         sbuf += data
         return n
 
@@ -389,7 +399,12 @@ class TCPConnection:
             with memoryview(rbuf) as mv:
                 data = mv[:max_bytes].tobytes()
             del rbuf[:max_bytes]
-        if self.state in RECEIVING and self.state is not SYN_RECEIVED:
+        if self._pushed and not rbuf and self._delack_deadline is not None:
+            # The application consumed a pushed (end of a write) segment: ACK now
+            # rather than at the delayed-ACK timer, so a sender held back by Nagle
+            # does not stall (the same idea as Linux's ICSK_ACK_PUSHED).
+            self._ack_now = True
+        if self.state in RECEIVING:
             adv = ((self._rcv_adv - self.rcv_nxt + HALF) & MASK) - HALF
             free = self._rcvbufsize - len(rbuf)
             grow = free - max(adv, 0)
@@ -434,6 +449,8 @@ class TCPConnection:
             return
         if st in APP_CAN_SEND:
             self.shutdown_write(now)
+        elif st is FIN_WAIT_2 and self._tw_deadline is None:
+            self._tw_deadline = now + self.config.fin_wait_2_timeout
 
     def abort(self, now: float) -> None:
         """Reset the connection (RFC 9293 §3.10.5 ABORT): RST out, CLOSED, reason reset."""
@@ -444,7 +461,7 @@ class TCPConnection:
             seq = self.snd_max if st is not SYN_RECEIVED else self.snd_nxt
             self._out.append(self._make(seq, RST | ACK, b"", now))
         self._transition(Input.APP_ABORT)
-        self._finish(CloseReason.RESET)
+        self._finish(CloseReason.NORMAL if st is TIME_WAIT else CloseReason.RESET)
 
     # ------------------------------------------------------------------ outputs
 
@@ -458,7 +475,7 @@ class TCPConnection:
         return ev
 
     def get_timer(self) -> float | None:
-        """Earliest deadline (RTO, persist, delayed ACK or TIME-WAIT), None if none."""
+        """Earliest deadline (RTO, persist, delayed ACK, TIME-WAIT or FIN-WAIT-2), or None."""
         best = self._rto_deadline
         for t in (self._persist_deadline, self._delack_deadline, self._tw_deadline):
             if t is not None and (best is None or t < best):
@@ -470,7 +487,12 @@ class TCPConnection:
         t = self._tw_deadline
         if t is not None and t <= now:
             self._tw_deadline = None
-            self._transition(Input.TIME_WAIT_EXPIRED)
+            if self.state is TIME_WAIT:
+                self._transition(Input.TIME_WAIT_EXPIRED)
+            else:
+                # FIN-WAIT-2 after close(): all our data was acknowledged and nobody
+                # wants what the peer might still send (like Linux's tcp_fin_timeout).
+                self._transition(Input.GIVE_UP)
             self._finish(CloseReason.NORMAL)
             return
         t = self._rto_deadline
@@ -515,7 +537,7 @@ class TCPConnection:
         # Window (RFC 9293 §3.8.6.2.2 receiver SWS avoidance; never shrink the right
         # edge, §3.8.6). Offers grow only in steps of min(buffer/2, MSS).
         rcv_nxt = self.rcv_nxt
-        adv = ((self._rcv_adv - rcv_nxt + HALF) & MASK) - HALF
+        adv = _sdiff(self._rcv_adv, rcv_nxt)
         if adv < 0:
             adv = 0
         free = self._rcvbufsize - len(self._rbuf)
@@ -537,6 +559,7 @@ class TCPConnection:
             self._ack_now = False
             self._delack_deadline = None
             self._segs_unacked = 0
+            self._pushed = False
         return seg
 
     def _make_syn(self, now: float) -> Segment:
@@ -581,20 +604,14 @@ class TCPConnection:
         merged: list[list[int]] = []
         for s, d in self._ooo:
             e = (s + len(d)) & MASK
-            if merged and (((s) - (merged[-1][1]) + HALF) & MASK) - HALF <= 0:
-                if (((e) - (merged[-1][1]) + HALF) & MASK) - HALF > 0:
+            if merged and _sdiff(s, merged[-1][1]) <= 0:
+                if _sdiff(e, merged[-1][1]) > 0:
                     merged[-1][1] = e
             else:
                 merged.append([s, e])
         limit = 3 if self._ts_ok else 4
         last = self._last_ooo
-        first = [
-            b
-            for b in merged
-            if (((b[0]) - (last) + HALF) & MASK) - HALF
-            <= 0
-            < (((b[1]) - (last) + HALF) & MASK) - HALF
-        ]
+        first = [b for b in merged if _sdiff(b[0], last) <= 0 < _sdiff(b[1], last)]
         rest = [b for b in merged if not first or b is not first[0]]
         blocks = [(b[0], b[1]) for b in first + rest]
         return tuple(blocks[:limit])
@@ -629,6 +646,8 @@ class TCPConnection:
         fin_seq = self._fin_seq
         cwnd = self._cc.cwnd
         snd_wnd = self.snd_wnd
+        if self._ltx:
+            cwnd += self._ltx * maxpay  # limited transmit (RFC 3042 §2)
         wnd = cwnd if cwnd < snd_wnd else snd_wnd
         while True:
             nxt = self.snd_nxt
@@ -700,7 +719,7 @@ class TCPConnection:
         data_end = (base + len(sbuf)) & MASK
         while self._rexmit_budget > 0:
             start = self._rexmit_next
-            if ((start - una + HALF) & MASK) - HALF < 0:
+            if _sdiff(start, una) < 0:
                 start = una
             hole: tuple[int, int] | None
             if self._sack.ranges:
@@ -713,15 +732,13 @@ class TCPConnection:
             s, e = hole
             n = min(
                 maxpay,
-                ((e - s + HALF) & MASK) - HALF,
-                max(((data_end - s + HALF) & MASK) - HALF, 0),
+                _sdiff(e, s),
+                max(_sdiff(data_end, s), 0),
             )
             flags = ACK
             end = (s + n) & MASK
-            fin_sent = (
-                self._fin_queued and ((self.snd_max - self._fin_seq + HALF) & MASK) - HALF > 0
-            )
-            if fin_sent and end == self._fin_seq and ((e - end + HALF) & MASK) - HALF > 0:
+            fin_sent = self._fin_queued and _sdiff(self.snd_max, self._fin_seq) > 0
+            if fin_sent and end == self._fin_seq and _sdiff(e, end) > 0:
                 flags |= FIN
             elif n <= 0:
                 self._rexmit_budget = 0
@@ -752,7 +769,7 @@ class TCPConnection:
         if self.state not in SENDING:
             return
         unsent = _sdiff((self._sbuf_start + len(self._sbuf)) & MASK, self.snd_nxt)
-        if unsent <= 0 or ((self.snd_nxt - self.snd_una + HALF) & MASK) - HALF > 0:
+        if unsent <= 0 or _sdiff(self.snd_nxt, self.snd_una) > 0:
             self._persist_backoff = 0
             return
         if self.snd_wnd > 0:
@@ -780,7 +797,7 @@ class TCPConnection:
         if self._retries > cfg.max_retries:
             self._give_up(now)
             return
-        flight = ((self.snd_max - self.snd_una + HALF) & MASK) - HALF
+        flight = _sdiff(self.snd_max, self.snd_una)
         self._cc.on_timeout(self.snd_max, flight)
         self._rto.backoff()
         self._rtt_seq = None
@@ -810,6 +827,7 @@ class TCPConnection:
             and (flags & (SYN | FIN | RST | ACK)) == ACK
             and seg.seq == self.rcv_nxt
             and not self._ooo
+            and self._ooo_fin is None
         ):
             if self._ts_ok and seg.ts_val is not None:
                 self._ts_recent = seg.ts_val  # RFC 7323 §4.3 (SEG.SEQ == Last.ACK.sent)
@@ -833,6 +851,8 @@ class TCPConnection:
                         self._ack_now = True
                     elif self._delack_deadline is None:
                         self._delack_deadline = now + self.config.delayed_ack
+                    if flags & PSH:
+                        self._pushed = True
                     return
                 self._rcv_text(seg.seq, payload, False, now)
             return
@@ -878,10 +898,7 @@ class TCPConnection:
     def _rcv_syn_sent(self, seg: Segment, now: float) -> None:
         """SYN-SENT processing (RFC 9293 §3.10.7.3)."""
         flags = seg.flags
-        if flags & ACK and (
-            ((seg.ack - self.iss + HALF) & MASK) - HALF <= 0
-            or ((seg.ack - self.snd_max + HALF) & MASK) - HALF > 0
-        ):
+        if flags & ACK and (_sdiff(seg.ack, self.iss) <= 0 or _sdiff(seg.ack, self.snd_max) > 0):
             if not flags & RST:
                 self._out.append(Segment(self._lport, self._rport, seg.ack, 0, RST, 0))
             return
@@ -1113,6 +1130,7 @@ class TCPConnection:
         else:
             self._rto_deadline = now + self._rto.rto  # §5.3
         flight = ((self.snd_max - ack + HALF) & MASK) - HALF
+        self._ltx = 0
         if self._cc.on_new_ack(ack, acked, flight):
             self._rexmit_next = ack  # partial ACK: retransmit the next hole
             self._rexmit_budget += 1
@@ -1130,18 +1148,43 @@ class TCPConnection:
                     self._finish(CloseReason.NORMAL)
                 elif st is TIME_WAIT:
                     self._enter_time_wait(now)
+                elif st is FIN_WAIT_2 and self._app_closed:
+                    self._tw_deadline = now + self.config.fin_wait_2_timeout
 
     def _dupack(self, now: float) -> None:
         cc = self._cc
+        smss = cc.smss
+        sack = self._sack
+        una = self.snd_una
+        snd_max = self.snd_max
+        flight = _sdiff(snd_max, una)
+        unsent = _sdiff((self._sbuf_start + len(self._sbuf)) & MASK, self.snd_nxt)
+        thresh = 3
+        if unsent <= 0:
+            # Early retransmit (RFC 5827 §3.1): with fewer than four segments out and
+            # nothing new to send, three duplicate ACKs can never come.
+            segs = (flight + smss - 1) // smss
+            if segs < 4:
+                thresh = max(1, segs - 1)
         # RFC 6675 §4 IsLost: three segments' worth SACKed above SND.UNA is as good as
         # three duplicate ACKs, even when ACKs were coalesced on the way.
-        sack_lost = bool(self._sack.ranges) and self._sack.sacked_bytes() >= 3 * cc.smss
-        una = self.snd_una
-        if cc.on_dupack(una, self.snd_max, ((self.snd_max - una + HALF) & MASK) - HALF, sack_lost):
-            self._rexmit_next = self.snd_una  # fast retransmit (RFC 5681 §3.2 step 4)
+        sack_lost = bool(sack.ranges) and sack.sacked_bytes() >= 3 * smss
+        if cc.on_dupack(una, snd_max, flight, sack_lost, thresh):
+            self._rexmit_next = una  # fast retransmit (RFC 5681 §3.2 step 4)
             self._rexmit_budget = 1
-        elif cc.in_recovery and self._sack.ranges:
-            self._rexmit_budget += 1  # one more SACK hole per duplicate ACK
+            self._pass_mark = snd_max
+            self._ltx = 0
+        elif cc.in_recovery:
+            if sack.ranges:
+                self._rexmit_budget += 1  # one more SACK hole per duplicate ACK
+                if _sdiff(sack.ranges[-1][1], self._pass_mark) >= 3 * smss:
+                    # Data sent after our last pass over the holes is being SACKed
+                    # while holes remain: those retransmissions were lost too. Go again
+                    # (the idea of RFC 8985 RACK, by sequence rather than time).
+                    self._rexmit_next = una
+                    self._pass_mark = snd_max
+        elif cc.dupacks <= 2 and unsent > 0:
+            self._ltx = cc.dupacks  # limited transmit (RFC 3042): a new segment per dupack
 
     def _rcv_text(self, seq: int, payload: bytes | memoryview, fin: bool, now: float) -> None:
         """In-window text and FIN (RFC 9293 §3.10.7.4 "seventh" and "eighth")."""
@@ -1185,6 +1228,7 @@ class TCPConnection:
                 self._ack_now = True
             elif self._delack_deadline is None:
                 self._delack_deadline = now + self.config.delayed_ack
+            self._pushed = True  # only the slow path's rare callers get here; be prompt
         if fin or (self._ooo_fin is not None and self._ooo_fin == self.rcv_nxt):
             self._rcv_fin(now)
 
@@ -1214,12 +1258,12 @@ class TCPConnection:
             self._ooo_fin = (seq + len(data)) & MASK
         if not data:
             return
-        a = ((seq - rcv_nxt + HALF) & MASK) - HALF
+        a = _sdiff(seq, rcv_nxt)
         b = a + len(data)
         ooo = self._ooo
         keep: list[tuple[int, bytes]] = []
         for s, d in ooo:
-            x = ((s - rcv_nxt + HALF) & MASK) - HALF
+            x = _sdiff(s, rcv_nxt)
             y = x + len(d)
             if a >= b or y <= a or x >= b:
                 keep.append((s, d))
@@ -1235,7 +1279,7 @@ class TCPConnection:
             # else: ours covers the existing one entirely; drop it
         if a < b:
             keep.append(((rcv_nxt + a) & MASK, data))
-            keep.sort(key=lambda item: (((item[0]) - (rcv_nxt) + HALF) & MASK) - HALF)
+            keep.sort(key=lambda item: _sdiff(item[0], rcv_nxt))
         self._ooo = keep
 
     def _ooo_drain(self) -> None:
@@ -1244,7 +1288,7 @@ class TCPConnection:
         rbuf = self._rbuf
         while ooo:
             s, d = ooo[0]
-            off = ((s - self.rcv_nxt + HALF) & MASK) - HALF
+            off = _sdiff(s, self.rcv_nxt)
             if off > 0:
                 break
             del ooo[0]

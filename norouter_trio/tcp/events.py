@@ -36,12 +36,16 @@ class EOFReceived:
 
 @dataclass(frozen=True, slots=True)
 class Writable:
-    """Send-buffer room freed after a `send()` that could not take everything."""
+    """Send-buffer room freed after a `send()` that filled the buffer or was cut short."""
 
 
 @dataclass(frozen=True, slots=True)
 class ConnectionReset:
-    """The peer reset an established connection; a `ConnectionClosed` follows."""
+    """The peer reset a synchronized connection; `ConnectionClosed(RESET)` follows.
+
+    Not reported for a refused SYN (only `ConnectionClosed(REFUSED)`), nor in CLOSING or
+    TIME-WAIT, where both FINs were already exchanged (RFC 9293 §3.10.7.4).
+    """
 
 
 @dataclass(frozen=True, slots=True)

@@ -281,7 +281,8 @@ class NetStack:
         if st.timer_scope is not None:
             st.timer_scope.cancel()
         st.wake_all()
-        log.debug("%s: connection %s closed (%s)", self.vip, st.describe(), reason.value)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: connection %s closed (%s)", self.vip, st.describe(), reason.value)
 
     async def _timer_task(self, st: _State) -> None:
         tcp = st.conn.tcp
@@ -381,7 +382,8 @@ class NetStack:
                 conn.tcp.abort(trio.current_time())
                 self._after(st)
             raise
-        log.debug("%s: connected %s", self.vip, st.describe())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: connected %s", self.vip, st.describe())
         return TCPStream(self, st)
 
     def listen(self, ip: str, port: int, backlog: int = 128) -> TCPListener:
@@ -389,6 +391,7 @@ class NetStack:
         address = self._stack.add_listener(ip, port)
         listener = TCPListener(self, address, backlog)
         self._listeners[address] = listener
+        listener._closed = self._stopped
         return listener
 
     def accept_any(self, handler: Callable[[PendingConnection], Awaitable[None]] | None) -> None:

@@ -241,7 +241,20 @@ def parse_tcp(data: Buffer, *, pseudo_sum: int | None = None) -> Segment:
     return seg
 
 
-def build_tcp(src: bytes, dst: bytes, seg: Segment) -> tuple[bytes, bytes | memoryview]:
+def address_sum(src: bytes, dst: bytes) -> int:
+    """Unfolded sum of the four 16-bit words of two packed IPv4 addresses.
+
+    Both the IPv4 header checksum and the TCP pseudo-header include it, so a connection
+    computes it once and passes it to `build_packet`.
+    """
+    a = int.from_bytes(src, "big")
+    b = int.from_bytes(dst, "big")
+    return (a >> 16) + (a & 0xFFFF) + (b >> 16) + (b & 0xFFFF)
+
+
+def build_tcp(
+    src: bytes, dst: bytes, seg: Segment, addr_sum: int | None = None
+) -> tuple[bytes, bytes | memoryview]:
     """TCP header (with checksum) and the payload, to be joined behind an IPv4 header.
 
     The payload is summed once here and never copied until the final join.
@@ -250,7 +263,7 @@ def build_tcp(src: bytes, dst: bytes, seg: Segment) -> tuple[bytes, bytes | memo
     hlen = TCP_HEADER_LEN + len(opts)
     payload = seg.payload
     tcp_len = hlen + len(payload)
-    head = _TCP.pack(
+    fields = (
         seg.src_port,
         seg.dst_port,
         seg.seq & 0xFFFFFFFF,
@@ -258,27 +271,45 @@ def build_tcp(src: bytes, dst: bytes, seg: Segment) -> tuple[bytes, bytes | memo
         (hlen >> 2) << 4,
         seg.flags & 0xFF,
         seg.window & 0xFFFF,
-        0,
-        0,
     )
-    if opts:
-        head += opts
-    s = combine(ones_sum(src + dst + head), IPPROTO_TCP + tcp_len)
+    head = _TCP.pack(*fields, 0, 0)
+    if addr_sum is None:
+        addr_sum = address_sum(src, dst)
+    # Never 0: the protocol number is in it. r == 0 means the sum is 0xFFFF (RFC 1071).
+    r = (ones_sum(head + opts if opts else head) + addr_sum + IPPROTO_TCP + tcp_len) % 0xFFFF
     if payload:
-        s = combine(s, ones_sum(payload))
-    ck = ~s & 0xFFFF
-    return head[:16] + bytes((ck >> 8, ck & 0xFF)) + head[18:], payload
+        r = (r + ones_sum(payload)) % 0xFFFF
+    return _TCP.pack(*fields, ~r & 0xFFFF if r else 0, 0) + opts, payload
 
 
-def build_packet(src: bytes, dst: bytes, seg: Segment, ident: int = 0, ttl: int = 64) -> bytes:
-    """A whole IPv4 packet carrying `seg`; addresses are 4-byte packed (`inet_aton`)."""
-    head, payload = build_tcp(src, dst, seg)
-    if len(head) + len(payload) > MAX_IPV4_PAYLOAD:
+def build_packet(
+    src: bytes,
+    dst: bytes,
+    seg: Segment,
+    ident: int = 0,
+    ttl: int = 64,
+    addr_sum: int | None = None,
+) -> bytes:
+    """A whole IPv4 packet carrying `seg`; addresses are 4-byte packed (`inet_aton`).
+
+    Pass `addr_sum` (from `address_sum`) to skip re-summing the addresses.
+    """
+    if addr_sum is None:
+        addr_sum = address_sum(src, dst)
+    head, payload = build_tcp(src, dst, seg, addr_sum)
+    tcp_len = len(head) + len(payload)
+    if tcp_len > MAX_IPV4_PAYLOAD:
         raise ValueError(
-            f"TCP segment of {len(head) + len(payload)} bytes (port "
+            f"TCP segment of {tcp_len} bytes (port "
             f"{seg.src_port} -> {seg.dst_port}) does not fit one IPv4 packet"
         )
-    ip = build_ipv4_header(src, dst, IPPROTO_TCP, len(head) + len(payload), ident, ttl)
+    total = IPV4_HEADER_LEN + tcp_len
+    ident &= 0xFFFF
+    # The header's words summed arithmetically: no second pack, no byte-level pass.
+    r = (0x4500 + total + ident + _IP_DF + ((ttl << 8) | IPPROTO_TCP) + addr_sum) % 0xFFFF
+    ip = _IPV4.pack(
+        0x45, 0, total, ident, _IP_DF, ttl, IPPROTO_TCP, ~r & 0xFFFF if r else 0, src, dst
+    )
     return b"".join((ip, head, payload))
 
 

@@ -64,7 +64,7 @@ class NewReno:
         self.cwnd = initial_window(smss)
         self.ssthresh = 1 << 30  # "arbitrarily high" (RFC 5681 §3.1)
         self.in_recovery = False
-        self.recover = recover  # RFC 6582 §3.2 step 1: ISS
+        self.recover = recover  # RFC 6582 §3.2 step 1: ISS (one past: SND.MAX convention)
         self.dupacks = 0
         self._acc = 0
 
@@ -101,16 +101,22 @@ class NewReno:
                 self.cwnd += smss
         return False
 
-    def on_dupack(self, snd_una: int, snd_max: int, flight: int, sack_lost: bool = False) -> bool:
-        """A duplicate ACK; True means "enter recovery and fast-retransmit" (RFC 5681 §3.2)."""
+    def on_dupack(
+        self, snd_una: int, snd_max: int, flight: int, sack_lost: bool = False, thresh: int = 3
+    ) -> bool:
+        """A duplicate ACK; True means "enter recovery and fast-retransmit" (RFC 5681 §3.2).
+
+        `thresh` is the duplicate-ACK threshold: 3, or lower for early retransmit.
+        """
         self.dupacks += 1
         if self.in_recovery:
             self.cwnd += self.smss  # inflation (step 3 of §3.2 / RFC 6582 step 3)
             return False
         # RFC 6582 §3.2 step 2: only if the ACK covers more than `recover`, so one
-        # loss event after a timeout does not cause repeated reductions.
-        if (self.dupacks >= 3 or sack_lost) and (
-            ((snd_una - 1 - self.recover + HALF) & MASK) - HALF > 0
+        # loss event after a timeout does not cause repeated reductions. (Our `recover`
+        # is one past the highest sequence number sent, hence ">=".)
+        if (self.dupacks >= thresh or sack_lost) and (
+            ((snd_una - self.recover + HALF) & MASK) - HALF >= 0
         ):
             self.enter_recovery(snd_max, flight)
             return True

@@ -36,6 +36,7 @@ from norouter_trio.tcp.packets import (
     IPv4Packet,
     PacketError,
     Segment,
+    address_sum,
     build_packet,
     icmp_echo_reply,
     parse_ipv4,
@@ -96,6 +97,7 @@ class Conn:
     tcp: TCPConnection
     local_b: bytes
     remote_b: bytes
+    addr_sum: int
     owner: Any = None
 
     @property
@@ -233,7 +235,9 @@ class TCPStack:
 
     def _register(self, key: Key, tcp: TCPConnection, remote_b: bytes | None = None) -> Conn:
         local_b = self.vip_b if key[0] == self.vip else inet_aton(key[0])
-        conn = Conn(key, tcp, local_b, remote_b if remote_b is not None else inet_aton(key[2]))
+        if remote_b is None:
+            remote_b = inet_aton(key[2])
+        conn = Conn(key, tcp, local_b, remote_b, address_sum(local_b, remote_b))
         self.connections[key] = conn
         return conn
 
@@ -391,12 +395,12 @@ class TCPStack:
         if not segments:
             return []
         counters = self.counters
-        local_b, remote_b = conn.local_b, conn.remote_b
+        local_b, remote_b, addr_sum = conn.local_b, conn.remote_b, conn.addr_sum
         packets = []
         ident = self._ident
         for seg in segments:
             ident = (ident + 1) & 0xFFFF
-            packets.append(build_packet(local_b, remote_b, seg, ident))
+            packets.append(build_packet(local_b, remote_b, seg, ident, 64, addr_sum))
             counters["bytes_out"] += len(seg.payload)
         self._ident = ident
         counters["segments_out"] += len(packets)

@@ -111,7 +111,8 @@ function renderHosts() {
     if (dropText) tip.push(`drops: ${dropText}`);
     if (h.exit_reason) tip.push(`exit: ${h.exit_reason}`);
     if (h.stderr && h.stderr.length) tip.push("stderr:", ...h.stderr.slice(-5));
-    g.append(svg("title", {}, tip.join("\n")));
+    g.append(svg("title", {}, tip.join("\n") + "\n(click: show only this host's flows and packets)"));
+    g.addEventListener("click", () => focusHost(h.name));
     g.append(svg("rect", { width: bw, height: bh, rx: 6, class: "hostbox " + (h.state || "unknown") }));
     g.append(svg("text", { x: 8, y: 16, class: "name" }, h.name));
     g.append(svg("text", { x: bw - 8, y: 16, "text-anchor": "end", class: "sub" }, h.vip || ""));
@@ -125,6 +126,16 @@ function renderHosts() {
     root.append(g);
   });
   box.replaceChildren(root);
+}
+
+function focusHost(name) {
+  // Clicking the same host again clears the filters.
+  const same = $("#flowfilter").value === name;
+  $("#flowfilter").value = same ? "" : name;
+  $("#pktfilter").value = same ? "" : name;
+  $("#pcaphost").value = same ? "" : name;
+  renderFlows();
+  renderPackets();
 }
 
 // ---- events and routes -------------------------------------------------------------------
