@@ -110,6 +110,15 @@ async def bulk(nbytes: int, conns: int, verify: bool) -> float:
         return per * conns / elapsed / 1e6
 
 
+async def pure(nbytes: int) -> float:
+    """Bulk with the numpy accelerator off: the pure-Python checksum on both sides."""
+    checksum.set_numpy(False)
+    try:
+        return await bulk(nbytes, 1, True)
+    finally:
+        checksum.set_numpy(True)
+
+
 async def churn(total: int, workers: int = 16) -> float:
     """Set-ups + tear-downs per second: connect, accept, close both sides, wait for FINs."""
     config = TCPConfig(time_wait=0.05)
@@ -237,6 +246,7 @@ def main() -> None:
     rows = [
         ("bulk, 1 connection, verify off", f"{run(lambda: bulk(nbytes, 1, False)):.0f} MB/s"),
         ("bulk, 1 connection, verify on", f"{run(lambda: bulk(nbytes, 1, True)):.0f} MB/s"),
+        ("bulk, 1 conn, verify on, no numpy", f"{run(lambda: pure(nbytes)):.0f} MB/s"),
         (
             f"bulk, {args.conns} connections, verify off",
             f"{run(lambda: bulk(nbytes, args.conns, False)):.0f} MB/s",

@@ -44,9 +44,9 @@ def _handshake(now: float, config: TCPConfig) -> tuple[TCPConnection, TCPConnect
     return a, b
 
 
-def bench_bulk(total: int, both_ways: bool) -> tuple[float, float]:
+def bench_bulk(total: int, both_ways: bool, mss: int = 65495) -> tuple[float, float]:
     """MB/s of `total` bytes sent a->b (and b->a if both_ways), reader always draining."""
-    config = TCPConfig()
+    config = TCPConfig(mss=mss)
     now = 0.0
     a, b = _handshake(now, config)
     chunk = bytes(256 * 1024)
@@ -131,12 +131,14 @@ def main() -> None:
     total = args.mbytes * 1_000_000
     one = bench_bulk(total, False)
     both = bench_bulk(total // 2, True)
+    small = bench_bulk(total // 20, False, mss=1460)
     hs = bench_handshakes(args.conns)
     mem = bench_memory(2000) / 1024
     rows = [
         ("measure", "wall clock", "CPU time", ""),
         ("bulk one way", f"{one[0]:10.1f}", f"{one[1]:10.1f}", "MB/s"),
         ("bulk both ways (sum)", f"{both[0]:10.1f}", f"{both[1]:10.1f}", "MB/s"),
+        ("bulk one way, MSS 1460", f"{small[0]:10.1f}", f"{small[1]:10.1f}", "MB/s"),
         ("open+1B each way+close", f"{hs[0]:10.0f}", f"{hs[1]:10.0f}", "conn/s"),
         ("idle established conn", f"{mem:10.2f}", "", "KiB"),
     ]

@@ -258,6 +258,34 @@ def _show_example() -> int:
     return 0
 
 
+# [installer] `show-installer` (owner: installer/bootstrap, issue 7) ------------------------
+@app.command(name="show-installer")
+def _show_installer(
+    *,
+    output: Annotated[str | None, Parameter(help=(
+        "Write the zipapp itself to FILE.pyz (run it with python3) instead of printing "
+        "the installer."))] = None,
+) -> int:
+    """Print a sh script that installs this exact version as ~/bin/norouter on another
+    host, offline: `norouter show-installer | ssh HOST sh`."""
+    from norouter_trio.installer import installer_script
+    from norouter_trio.zipapp import ZipappError, write_zipapp
+
+    try:
+        if output is not None:
+            app = write_zipapp(output)
+            print(f"wrote {output}: norouter {app.version} zipapp, {len(app.data)} bytes, "
+                  f"needs Python >= {app.min_python_text}", file=sys.stderr)
+            return 0
+        sys.stdout.write(installer_script())
+    except ZipappError as e:
+        return _fail(f"cannot pack this installation: {e}", code=1)
+    except OSError as e:
+        return _fail(f"--output {output}: {e.strerror or e}", code=1)
+    return 0
+# [/installer] -------------------------------------------------------------------------------
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``norouter`` command."""
     tokens = _preprocess(list(sys.argv[1:] if argv is None else argv))

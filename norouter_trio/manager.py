@@ -348,6 +348,10 @@ class Manager:
             if self.debug:
                 argv.append("--debug")
             return argv, b""
+        if host.bootstrap:  # [bootstrap] zero-install agent: loader + zipapp over stdin
+            from norouter_trio import bootstrap
+
+            return bootstrap.agent_command(self, host)
         return list(host.argv), b""
 
     def stop(self, *, force: bool = False) -> None:

@@ -29,6 +29,8 @@ class LinkFaults:
     reorder: float = 0.0  # probability of an extra delay that lets later segments pass
     delay: float = 0.001
     jitter: float = 0.0
+    rate: float = 0.0  # bytes/s of a bottleneck per direction (0: unlimited)
+    queue_limit: int = 0  # tail-drop beyond this many segments queued per direction
 
 
 class Peer:
@@ -95,6 +97,9 @@ class Link:
         self.log: list[tuple[float, str, Segment]] = []  # every segment put on the link
         self.filter: Callable[[str, Segment], bool] | None = None  # False = drop it
         self.delivered = 0
+        self.tail_drops = 0
+        self._busy_until = {"a->b": 0.0, "b->a": 0.0}
+        self._queued: dict[str, list[float]] = {"a->b": [], "b->a": []}
 
     def _schedule(self, direction: str, seg: Segment) -> None:
         f = self.faults
@@ -104,6 +109,18 @@ class Link:
             return
         if f.drop and rng.random() < f.drop:
             return
+        start = self.now
+        if f.rate:
+            # A bottleneck: segments leave one after another at `rate`, behind a queue.
+            queued = [t for t in self._queued[direction] if t > self.now]
+            if f.queue_limit and len(queued) >= f.queue_limit:
+                self.tail_drops += 1
+                self._queued[direction] = queued
+                return
+            start = max(self.now, self._busy_until[direction]) + (len(seg.payload) + 40) / f.rate
+            self._busy_until[direction] = start
+            queued.append(start)
+            self._queued[direction] = queued
         copies = 2 if f.dup and rng.random() < f.dup else 1
         for _ in range(copies):
             delay = f.delay + (rng.random() * f.jitter if f.jitter else 0.0)
@@ -111,7 +128,7 @@ class Link:
                 delay += f.delay * 3 + rng.random() * 0.01
             self._counter += 1
             heapq.heappush(
-                self._queue, (self.now + delay, self._counter, direction, dataclasses.replace(seg))
+                self._queue, (start + delay, self._counter, direction, dataclasses.replace(seg))
             )
 
     def flush(self) -> None:

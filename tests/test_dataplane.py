@@ -413,3 +413,21 @@ async def test_builtin_dns_is_served_in_the_stack() -> None:
             await stream.aclose()
     answer = dns.message.from_wire(data[2:])
     assert [r.address for rrset in answer.answer for r in rrset] == ["127.77.0.50"]
+
+
+async def test_data_plane_ends_when_the_manager_link_ends() -> None:
+    from norouter_trio.agent.dataplane import run_dataplane
+    from norouter_trio.agent.main import AgentLink
+    from norouter_trio.messages import Forward, IPPortProto
+
+    me, _other = vips()
+    out_send, _out_recv = trio.open_memory_channel[bytes](10)
+    in_send, in_recv = trio.open_memory_channel[bytes](10)
+    link = AgentLink(inbound=in_recv, outbound=out_send, send_event=lambda _e: None,
+                     host_label=me)
+    args = configure(me, forwards=[Forward(80, "127.0.0.1", 9)],
+                     name_servers=[IPPortProto(me, 10053)])
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_dataplane, args, link)
+            await in_send.aclose()   # EOF from the manager: run_dataplane returns, no error

@@ -7,6 +7,8 @@ import struct
 from socket import inet_aton
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from norouter_trio.tcp.connection import TCPConfig
 from norouter_trio.tcp.packets import (
@@ -325,3 +327,47 @@ def test_syn_fin_and_rst_floods_do_not_hurt_connections() -> None:
     wire.pump()
     assert victim.tcp.read(100, wire.now) == b"still alive"
     assert other.tcp.read(100, wire.now) == b"me too"
+
+
+u32 = st.integers(0, 2**32 - 1)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    segs=st.lists(
+        st.tuples(
+            u32,  # seq offset from what the connection expects (mostly near it)
+            u32,  # ack
+            st.integers(0, 255),  # flags
+            st.integers(0, 65535),  # window
+            st.binary(max_size=64),
+            st.booleans(),  # near rcv_nxt / snd_una or anywhere
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_random_segments_on_an_established_connection_never_crash(
+    segs: list[tuple[int, int, int, int, bytes, bool]],
+) -> None:
+    """Whatever arrives for a live 4-tuple, the stack and core neither raise nor stop
+    answering; a neighbouring connection is untouched."""
+    wire = Wire()
+    _client, server = wire.establish(80)
+    other_client, other = wire.establish(80)
+    _, _, rip, rport = server.key
+    for seq, ack, flags, window, payload, near in segs:
+        if near:
+            seq = (server.tcp.rcv_nxt + seq % 4096 - 2048) & 0xFFFFFFFF
+            ack = (server.tcp.snd_una + ack % 4096 - 2048) & 0xFFFFFFFF
+        seg = Segment(rport, 80, seq, ack, flags, window, payload)
+        wire.b.receive_packet(pkt(rip, B, seg), wire.now)
+        wire.now += 0.01
+        for conn in list(wire.b.connections.values()):
+            conn.tcp.handle_timer(wire.now)
+            wire.b.output(conn, wire.now)
+    assert wire.b.counters["internal_errors"] == 0
+    assert other.tcp.state is TCPState.ESTABLISHED
+    other_client.tcp.send(b"fine", wire.now)
+    wire.pump()
+    assert other.tcp.read(10, wire.now) == b"fine"

@@ -283,6 +283,102 @@ async def test_bulk_lossy(direction: str, mtu: int, faults: Faults) -> None:
                 f"the bridge injected too few faults to test anything: {injected}"
 
 
+async def our_duplex(stream: TCPStream, size: int, seed: int) -> tuple[int, str]:
+    """Send `size` bytes then FIN while reading to EOF; what we read."""
+    got: list[tuple[int, str]] = []
+
+    async def sender() -> None:
+        await send_data(stream, payload(size, seed))
+        await stream.send_eof()
+
+    async def receiver() -> None:
+        got.append(await read_to_eof(stream))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender)
+        nursery.start_soon(receiver)
+    return got[0]
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+@pytest.mark.parametrize("faults", [None, LOSSY], ids=["lossless", "lossy"])
+@pytest.mark.parametrize("opener", ["kernel", "stack"])
+async def test_duplex_bulk(opener: str, faults: Faults | None) -> None:
+    """8 MiB each way at once on one connection: data and ACKs share segments."""
+    size = 8 << 20
+    with trio.fail_after(120):
+        async with stack_vs_kernel(faults=faults) as (br, stack):
+            if opener == "kernel":
+                listener = stack.listen(br.vip, PORT)
+                async with br.open_peer("--connect", f"{br.vip}:{PORT}",
+                                        f"duplex:{size}:11", "close") as peer:
+                    stream = await listener.accept()
+                    assert await our_duplex(stream, size, 12) == \
+                        (size, digest_of(size, 11)[1])
+                    await peer.expect("connected")
+                    assert (await peer.expect("duplex"))[1:] == \
+                        [str(size), *digest_of(size, 12)]
+                    await peer.expect("closed")
+            else:
+                async with br.open_peer("--listen", f"{br.kernel_ip}:0", f"duplex:{size}:11",
+                                        "close") as peer:
+                    port = int((await peer.expect("listening"))[1])
+                    stream = await stack.connect(br.kernel_ip, port)
+                    assert await our_duplex(stream, size, 12) == \
+                        (size, digest_of(size, 11)[1])
+                    await peer.expect("connected")
+                    assert (await peer.expect("duplex"))[1:] == \
+                        [str(size), *digest_of(size, 12)]
+                    await peer.expect("closed")
+            await stream.aclose()
+
+
+@pytest.mark.netns
+async def test_many_connections_both_roles() -> None:
+    """Six kernel clients on our echo listener and six of our clients on kernel listeners,
+    all at once (1 MiB each way per connection): demultiplexing by 4-tuple."""
+    size, count = 1 << 20, 6
+    with trio.fail_after(90):
+        async with stack_vs_kernel() as (br, stack):
+            listener = stack.listen(br.vip, PORT)
+
+            async def echo(stream: TCPStream) -> None:
+                while data := await stream.receive_some(1 << 20):
+                    await stream.send_all(data)
+                await stream.send_eof()
+                await stream.aclose()
+
+            async def kernel_client(i: int) -> None:
+                async with br.open_peer("--connect", f"{br.vip}:{PORT}",
+                                        f"duplex:{size}:{100 + i}") as peer:
+                    await peer.expect("connected")
+                    assert (await peer.expect("duplex"))[1:] == \
+                        [str(size), *digest_of(size, 100 + i)]
+
+            async def our_client(i: int) -> None:
+                async with br.open_peer("--listen", f"{br.kernel_ip}:0",
+                                        f"duplex:{size}:{200 + i}") as peer:
+                    port = int((await peer.expect("listening"))[1])
+                    stream = await stack.connect(br.kernel_ip, port)
+                    assert await our_duplex(stream, size, 300 + i) == \
+                        (size, digest_of(size, 200 + i)[1])
+                    await peer.expect("connected")
+                    assert (await peer.expect("duplex"))[1:] == \
+                        [str(size), *digest_of(size, 300 + i)]
+                    await stream.aclose()
+
+            async with trio.open_nursery() as servers:
+                async def accept_all() -> None:
+                    for _ in range(count):
+                        servers.start_soon(echo, await listener.accept())
+                servers.start_soon(accept_all)
+                async with trio.open_nursery() as clients:
+                    for i in range(count):
+                        clients.start_soon(kernel_client, i)
+                        clients.start_soon(our_client, i)
+
+
 @pytest.mark.netns
 async def test_half_close_kernel_first() -> None:
     """The kernel sends then FINs; we read to EOF and only then answer; it still receives."""

@@ -12,6 +12,8 @@ the test can follow along without sleeping:
     wait          block until a line arrives on stdin                -> "waiting", later "resumed"
     close         close the socket                                   -> "closed"
     abort         close with SO_LINGER 0, which sends RST            -> "aborted"
+    duplex:N:SEED send N bytes then FIN (a thread) while reading to EOF
+                  -> "duplex SENT RECEIVED SHA256"
 
 Other lines: "listening PORT", "connected LOCAL PEER", "refused", "error TYPE MESSAGE",
 "done" last. Usage: python3 tun_peer.py (--listen|--connect) IP:PORT [--rcvbuf N]
@@ -27,6 +29,7 @@ import random
 import socket
 import struct
 import sys
+import threading
 import time
 
 CHUNK = 1 << 20
@@ -79,6 +82,29 @@ def open_socket(args: argparse.Namespace) -> socket.socket:
     return sock
 
 
+def duplex(sock: socket.socket, n: int, seed: int) -> None:
+    """Both directions at once: a thread sends (then FIN) while this one reads to EOF."""
+    errors: list[BaseException] = []
+
+    def sender() -> None:
+        try:
+            sock.sendall(payload(n, seed))
+            sock.shutdown(socket.SHUT_WR)
+        except BaseException as exc:  # re-raised in the main thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=sender)
+    thread.start()
+    digest, count = hashlib.sha256(), 0
+    while data := sock.recv(CHUNK):
+        digest.update(data)
+        count += len(data)
+    thread.join()
+    if errors:
+        raise errors[0]
+    say("duplex", n, count, digest.hexdigest())
+
+
 def receive(sock: socket.socket, limit: int | None) -> None:
     digest, count, started = hashlib.sha256(), 0, None
     while limit is None or count < limit:
@@ -117,6 +143,8 @@ def run_step(sock: socket.socket, step: str) -> None:
     elif name == "close":
         sock.close()
         say("closed")
+    elif name == "duplex":
+        duplex(sock, int(params[0]), int(params[1]))
     elif name == "abort":
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()

@@ -179,7 +179,10 @@ class DataPlane:
     async def serve_forward(self, listener: trio.abc.Listener[Any], fw: Forward) -> None:
         async with listener:
             while True:
-                stream = await listener.accept()
+                try:
+                    stream = await listener.accept()
+                except trio.ClosedResourceError:  # the stack has stopped
+                    return
                 self._spawn(self._forward_conn, stream, fw)
 
     async def _forward_conn(self, stream: trio.abc.HalfCloseableStream, fw: Forward) -> None:
@@ -363,6 +366,16 @@ class DataPlane:
         log.info("%s: %s proxy on %s", self.label, what, listen)
 
 
+async def _run_stack(stack: NetStack, inbound: trio.MemoryReceiveChannel[bytes],
+                     scope: trio.CancelScope, label: str, *,
+                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """The stack; when its packets end (the manager link is gone) the data plane ends too,
+    rather than leaving loopback listeners that could only fail."""
+    await stack.run(inbound, task_status=task_status)
+    log.info("%s: no more packets from the manager; stopping the data plane", label)
+    scope.cancel()
+
+
 async def run_dataplane(args: ConfigureArgs, link: AgentLink, *,
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the data plane for `args.me` until cancelled. Raises ``DataplaneError`` before
@@ -381,7 +394,7 @@ async def run_dataplane(args: ConfigureArgs, link: AgentLink, *,
     try:
         async with trio.open_nursery() as nursery:
             dp.nursery = nursery
-            await nursery.start(stack.run, link.inbound)
+            await nursery.start(_run_stack, stack, link.inbound, nursery.cancel_scope, label)
             ports: set[int] = set()
             for fw in args.forwards:
                 if fw.listen_port in ports:

@@ -38,6 +38,12 @@ def set_numpy(enabled: bool) -> None:
     _np_state = 0 if enabled else -1
 
 
+def warm_up() -> bool:
+    """Import the numpy accelerator now (if allowed and installed) rather than on the
+    first big packet; returns whether it is in use. The stack calls this at start."""
+    return _numpy() is not None
+
+
 def _numpy() -> Any:
     global _np, _np_state
     if _np_state == 0:

@@ -20,6 +20,16 @@ Buffers: the send buffer is a bytearray holding everything from SND.UNA on (sent
 unsent); acknowledged bytes are deleted from the front (cheap in CPython). The receive
 buffer is a bytearray of in-order bytes not yet read; out-of-order segments wait in a
 small sorted list. Both are bounded by `TCPConfig`.
+
+Loss recovery (recovery.py): RTO per RFC 6298 with go-back-N after a timeout; NewReno
+fast retransmit/recovery; SACK holes retransmitted one per duplicate ACK, again if data
+sent after them gets SACKed first; limited transmit and early retransmit for small
+windows. ACKs: every second segment, at once for out-of-order data, gap fills, window
+updates and when the application reads a pushed segment; otherwise after `delayed_ack`.
+
+Closing: `shutdown_write` sends FIN after the data; `close` also gives up reading (unread
+or later data resets the connection, RFC 1122 §4.2.2.13); `abort` resets. After
+`ConnectionClosed` call `segments_to_send` once more: an abort's RST is waiting there.
 """
 
 from __future__ import annotations
@@ -453,7 +463,10 @@ class TCPConnection:
             self._tw_deadline = now + self.config.fin_wait_2_timeout
 
     def abort(self, now: float) -> None:
-        """Reset the connection (RFC 9293 §3.10.5 ABORT): RST out, CLOSED, reason reset."""
+        """Reset the connection (RFC 9293 §3.10.5 ABORT): RST out, CLOSED, reason reset.
+
+        The RST is returned by the next `segments_to_send`.
+        """
         st = self.state
         if st is CLOSED:
             return
@@ -749,6 +762,13 @@ class TCPConnection:
             out.append(self._make(s, flags, payload, now))
             self._rexmit_next = (end + (1 if flags & FIN else 0)) & MASK
             self._rexmit_budget -= 1
+            self._pass_mark = self.snd_max  # SACKs beyond this prove it was lost, if so
+            cc = self._cc
+            if cc.in_recovery and cc.cwnd > cc.ssthresh:
+                # The retransmission uses the room this duplicate ACK inflated, so a
+                # hole and a new segment do not both go out for one packet that left
+                # the network (packet conservation, RFC 6675 §5's "pipe" in spirit).
+                cc.cwnd -= n
             self._rtt_seq = None  # Karn: nothing in flight now is a clean sample
             if self._rto_deadline is None:
                 self._rto_deadline = now + self._rto.rto
@@ -1072,9 +1092,20 @@ class TCPConnection:
             if ((ack - self.snd_max + HALF) & MASK) - HALF > 0:
                 self._ack_now = True  # acks something not yet sent
                 return False
-            self._new_ack(ack, d, now)
+            partial = self._new_ack(ack, d, now)
             if seg.sack_blocks and self._sack_ok:
                 self._sack.add(seg.sack_blocks, ack, self.snd_max)
+            if partial:
+                # A partial ACK during recovery (RFC 6582 §3.2 step 5). Without SACK the
+                # next segment is presumed lost. With SACK, only a known hole is; data
+                # merely queued on the way looks the same to NewReno and would be sent
+                # twice.
+                if not self._sack_ok:
+                    if _sdiff(self._rexmit_next, ack) <= 0:
+                        self._rexmit_next = ack
+                        self._rexmit_budget += 1
+                elif self._sack.ranges:
+                    self._rexmit_budget += 1
         elif d == 0:
             news = False
             if seg.sack_blocks and self._sack_ok:
@@ -1107,8 +1138,11 @@ class TCPConnection:
             self.snd_wl2 = ack
         return True
 
-    def _new_ack(self, ack: int, acked: int, now: float) -> None:
-        """SND.UNA advances: free buffer, RTT sample, restart RTO, grow cwnd."""
+    def _new_ack(self, ack: int, acked: int, now: float) -> bool:
+        """SND.UNA advances: free buffer, RTT sample, restart RTO, grow cwnd.
+
+        Returns True for a partial ACK during recovery.
+        """
         base = self._sbuf_start
         sbuf = self._sbuf
         n = ((ack - base + HALF) & MASK) - HALF
@@ -1131,9 +1165,7 @@ class TCPConnection:
             self._rto_deadline = now + self._rto.rto  # §5.3
         flight = ((self.snd_max - ack + HALF) & MASK) - HALF
         self._ltx = 0
-        if self._cc.on_new_ack(ack, acked, flight):
-            self._rexmit_next = ack  # partial ACK: retransmit the next hole
-            self._rexmit_budget += 1
+        partial = self._cc.on_new_ack(ack, acked, flight)
         if self._sack.ranges:
             self._sack.prune(ack)
         if self._want_writable and len(sbuf) < self._sndbufsize:
@@ -1150,6 +1182,7 @@ class TCPConnection:
                     self._enter_time_wait(now)
                 elif st is FIN_WAIT_2 and self._app_closed:
                     self._tw_deadline = now + self.config.fin_wait_2_timeout
+        return partial
 
     def _dupack(self, now: float) -> None:
         cc = self._cc
@@ -1177,10 +1210,11 @@ class TCPConnection:
         elif cc.in_recovery:
             if sack.ranges:
                 self._rexmit_budget += 1  # one more SACK hole per duplicate ACK
-                if _sdiff(sack.ranges[-1][1], self._pass_mark) >= 3 * smss:
-                    # Data sent after our last pass over the holes is being SACKed
-                    # while holes remain: those retransmissions were lost too. Go again
-                    # (the idea of RFC 8985 RACK, by sequence rather than time).
+                if _sdiff(sack.ranges[-1][1], self._pass_mark) > 0:
+                    # Data sent after our latest hole retransmission is being SACKed
+                    # while holes remain below: those retransmissions were lost too (our
+                    # links are FIFO, so no allowance for reordering). Go over the holes
+                    # again: the idea of RFC 8985 RACK, by sequence rather than time.
                     self._rexmit_next = una
                     self._pass_mark = snd_max
         elif cc.dupacks <= 2 and unsent > 0:

@@ -41,6 +41,7 @@ from collections.abc import Awaitable, Callable
 import trio
 from trio.lowlevel import ParkingLot, checkpoint
 
+from norouter_trio.tcp import checksum
 from norouter_trio.tcp.connection import TCPConfig, TCPStateError
 from norouter_trio.tcp.events import (
     CloseReason,
@@ -136,6 +137,7 @@ class NetStack:
         self._listeners: dict[Address, TCPListener] = {}
         self._handler: Callable[[PendingConnection], Awaitable[None]] | None = None
         self._stopped = False
+        checksum.warm_up()  # a lazy numpy import would stall the first big transfer
 
     @property
     def counters(self) -> dict[str, int]:
