@@ -1,34 +1,55 @@
-"""What the HTTP and SOCKS5 proxies cost against a direct connection.
+"""What the HTTP and SOCKS5 proxies cost against loopback mode, through a real manager.
 
-    python bench/proxy_bench.py [--requests 1000] [--bulk-mb 64] [--rounds 3] [--stack]
+    python bench/proxy_bench.py [--quick] [--requests 1000] [--bulk-mb 64] [--rounds 3]
+                                [--keepalive] [--profile FILE.prof]
 
-Three processes: a small keep-alive HTTP origin (threads, blocking sockets), the agent's
-proxies (serve_http_proxy + serve_socks with a Dialer), and this client (blocking
-sockets). For each path -- direct, through the HTTP proxy (absolute URI, keep-alive),
-through SOCKS5 (one handshake, then requests in the tunnel) -- it times N sequential
-1-byte GETs on one connection (requests/s, p50/p99 latency) and one bulk download (MB/s).
-Every response is read whole and checked; a short read aborts the run.
+Setup (all on this machine, no root): an HTTP origin (a subprocess, a thread per
+connection, blocking sockets: ~50 us a request, not the bottleneck); a manifest with two
+hosts started by a real manager (`python -m norouter_trio FILE`): agent A (loopback mode,
+HTTP proxy, SOCKS proxy) and agent B (its own process, like `ssh b norouter`) forwarding
+VIP_B:PORT to the origin. Every path crosses the same virtual network (stack A -> manager
+-> stack B -> origin); they differ only in how the client enters agent A:
 
-`--stack` makes the proxies reach the origin through two user-space NetStacks joined by
-memory channels (the virtual network path) instead of through the OS.
+  loopback   client -> real 127.0.42.B:PORT (agent A's OS listener) -> stack ...
+  HTTP       client -> HTTP proxy of A, `GET http://b:PORT/...` (absolute URI)
+  CONNECT    client -> HTTP proxy of A, `CONNECT b:PORT`, then the GET in the tunnel
+  SOCKS5     client -> SOCKS proxy of A, SOCKS5 with the host name "b", then the GET
+
+For each path: N sequential GETs of 1 byte, a new connection each (connect, handshake,
+request, whole response, close): requests/s, p50/p99 latency; one 64 MiB download (MB/s);
+and how many responses were cut short (fewer body bytes than Content-Length, or an error).
+Rounds interleave the paths so load from elsewhere hits them alike; each metric is the
+median over rounds, and each path is shown against loopback mode of the same run.
+`--keepalive` adds the same with one connection for all N requests.
+
+`--profile FILE` runs agent A under cProfile and writes FILE when the run ends
+(`python -m pstats FILE`, then `sort tottime`, `stats 30`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import random
+import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 BLOCK = bytes(range(256)) * 4096  # 1 MiB
+TIMEOUT = 15.0  # per socket operation; a request that stalls this long is counted cut short
 
 
 # --- origin (run as a subprocess) ------------------------------------------------------
@@ -47,7 +68,9 @@ def _origin_conn(conn: socket.socket) -> None:
             head, _, buf = buf.partition(b"\r\n\r\n")
             path = head.split(b" ", 2)[1]
             size = int(path.rsplit(b"/", 1)[1] or b"1")
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size
+            close = b"\nconnection: close" in head.lower()
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n"
+                         % (size, b"Connection: close\r\n" if close else b"")
                          + (BLOCK[:size] if size <= 65536 else b""))
             if size > 65536:
                 view = memoryview(BLOCK)
@@ -56,101 +79,169 @@ def _origin_conn(conn: socket.socket) -> None:
                     n = min(left, len(BLOCK))
                     conn.sendall(view[:n])
                     left -= n
+            if close:
+                return
 
 
 def run_origin() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # stopped by the bench: no traceback
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind(("127.0.0.1", 0))
-    srv.listen(64)
+    srv.listen(128)
     print(srv.getsockname()[1], flush=True)
     while True:
         conn, _ = srv.accept()
         threading.Thread(target=_origin_conn, args=(conn,), daemon=True).start()
 
 
-# --- proxies (run as a subprocess) -----------------------------------------------------
+# --- the virtual network ---------------------------------------------------------------
 
 
-def run_proxies(origin_port: int, through_stack: bool) -> None:
-    import trio
-
-    from norouter_trio.agent.dialer import Dialer, splice
-    from norouter_trio.agent.http_proxy import serve_http_proxy
-    from norouter_trio.agent.socks import serve_socks
-
-    async def main() -> None:
-        http_l = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-        socks_l = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-        async with trio.open_nursery() as nursery:
-            connect: Callable[..., object] = trio.open_tcp_stream
-            if through_stack:
-                connect = await _two_stacks(nursery, origin_port, splice)
-            dialer = Dialer(connect, hostname_map={"origin": "127.0.42.2"},  # type: ignore[arg-type]
-                            vips=["127.0.42.2"])
-            nursery.start_soon(serve_http_proxy, http_l, dialer)
-            nursery.start_soon(serve_socks, socks_l, dialer)
-            print(http_l.socket.getsockname()[1], socks_l.socket.getsockname()[1], flush=True)
-
-    trio.run(main)
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
-async def _two_stacks(nursery: object, origin_port: int, splice: Callable[..., object],
-                      ) -> Callable[..., object]:
-    """Stack A (the proxies' agent) <-> stack B (VIP 127.0.42.2, forwarding :80 to the
-    origin over the OS), joined by memory channels as the manager would join them."""
-    import trio
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
 
-    from norouter_trio.tcp.netstack import NetStack
 
-    a_out, b_in = trio.open_memory_channel[bytes](1024)
-    b_out, a_in = trio.open_memory_channel[bytes](1024)
-    stack_a = NetStack("127.0.42.1", a_out)
-    stack_b = NetStack("127.0.42.2", b_out)
-    await nursery.start(stack_a.run, a_in)  # type: ignore[attr-defined]
-    await nursery.start(stack_b.run, b_in)  # type: ignore[attr-defined]
-    listener = stack_b.listen("127.0.42.2", 80)
+@dataclass
+class Network:
+    vip_a: str
+    vip_b: str
+    port: int  # the forward on B, reached as VIP_B:port
+    http_port: int
+    socks_port: int
+    workdir: Path
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    async def forward(stream: trio.abc.Stream) -> None:
-        target = await trio.open_tcp_stream("127.0.0.1", origin_port)
-        await splice(stream, target)  # type: ignore[operator]
+    def manifest(self, origin_port: int, profile: str | None) -> str:
+        # Random VIPs and ports: other test runs on this machine use 127.0.42.x too.
+        a_cmd = ""
+        if profile:
+            a_cmd = (f"    cmd: [{sys.executable!r}, '-m', 'cProfile', '-o', {profile!r}, "
+                     "'-m', 'norouter_trio']\n")
+        return (
+            "hosts:\n"
+            "  a:\n"
+            f"    vip: '{self.vip_a}'\n{a_cmd}"
+            f"    http: {{listen: '127.0.0.1:{self.http_port}'}}\n"
+            f"    socks: {{listen: '127.0.0.1:{self.socks_port}'}}\n"
+            "    stateDir: {disable: true}\n"
+            "  b:\n"
+            f"    cmd: [{sys.executable!r}, '-m', 'norouter_trio']\n"
+            f"    vip: '{self.vip_b}'\n"
+            f"    ports: ['{self.port}:127.0.0.1:{origin_port}']\n"
+            "    loopback: {disable: true}\n"
+            "    stateDir: {disable: true}\n")
 
-    nursery.start_soon(trio.serve_listeners, forward, [listener])  # type: ignore[attr-defined]
 
-    async def connect(host: str, port: int) -> trio.abc.Stream:
-        return await stack_a.connect("127.0.42.2", 80)
+def start_network(profile: str | None) -> Network:
+    rng = random.Random()
+    for _ in range(50):
+        a, b = rng.sample(range(160, 250), 2)
+        vip_a, vip_b = f"127.0.42.{a}", f"127.0.42.{b}"
+        port = rng.randrange(20000, 30000)
+        if all(_bindable(ip, p) for ip, p in ((vip_b, port), (vip_a, 10053),
+                                              (vip_b, 10053))):
+            break
+    else:
+        raise SystemExit("no free 127.0.42.x address/port found for the bench")
+    net = Network(vip_a, vip_b, port, _free_port("127.0.0.1"), _free_port("127.0.0.1"),
+                  Path(tempfile.mkdtemp(prefix="proxy-bench-")))
+    me = [sys.executable, os.path.abspath(__file__)]
+    origin = subprocess.Popen([*me, "--origin"], stdout=subprocess.PIPE)
+    net.procs.append(origin)
+    assert origin.stdout is not None
+    origin_port = int(origin.stdout.readline())
+    (net.workdir / "bench.yaml").write_text(net.manifest(origin_port, profile))
+    log = open(net.workdir / "manager.log", "wb")  # noqa: SIM115 - closed with the dir
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    manager = subprocess.Popen([sys.executable, "-m", "norouter_trio",
+                                str(net.workdir / "bench.yaml")],
+                               stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    net.procs.append(manager)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            fetch_once(lambda: socket.create_connection((vip_b, port), timeout=2),
+                       b"GET /1 HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+            fetch_once(lambda: socket.create_connection(("127.0.0.1", net.http_port),
+                                                        timeout=2),
+                       b"GET http://b:%d/1 HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n"
+                       % port)
+            fetch_once(lambda: _socks5_open("127.0.0.1", net.socks_port, "b", port),
+                       b"GET /1 HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+            return net
+        except (OSError, RuntimeError) as exc:
+            if manager.poll() is not None or time.monotonic() > deadline:
+                stop_network(net)
+                text = (net.workdir / "manager.log").read_text(errors="replace")
+                raise SystemExit(f"the virtual network did not come up ({exc}); manager "
+                                 f"log:\n{text[-3000:]}") from None
+            time.sleep(0.2)
 
-    return connect
+
+def stop_network(net: Network) -> None:
+    for proc in reversed(net.procs):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    for proc in reversed(net.procs):
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    shutil.rmtree(net.workdir, ignore_errors=True)
 
 
 # --- client ---------------------------------------------------------------------------
 
 
-def _read_response(sock: socket.socket, buf: bytearray) -> int:
-    """Read one response (Content-Length framed); returns the body size."""
+class CutShort(Exception):
+    """A response ended (or the connection broke) before its Content-Length."""
+
+
+def _read_head(sock: socket.socket, buf: bytearray) -> bytes:
     while b"\r\n\r\n" not in buf:
         data = sock.recv(262144)
         if not data:
-            raise RuntimeError("connection closed before a response")
+            raise CutShort(f"closed before a response head ({len(buf)} bytes)")
         buf += data
-    head_end = buf.index(b"\r\n\r\n") + 4
-    head = bytes(buf[:head_end])
+    end = buf.index(b"\r\n\r\n") + 4
+    head = bytes(buf[:end])
+    del buf[:end]
+    return head
+
+
+def read_response(sock: socket.socket, buf: bytearray) -> int:
+    """Read one Content-Length framed 200 response whole; returns the body size."""
+    head = _read_head(sock, buf)
     if not head.startswith(b"HTTP/1.1 200"):
         raise RuntimeError(f"bad response: {head[:80]!r}")
     length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-    del buf[:head_end]
     got = min(len(buf), length)
     del buf[:got]
     view = bytearray(1 << 20)
     while got < length:
         n = sock.recv_into(view, min(len(view), length - got))
         if not n:
-            raise RuntimeError(f"response cut short at {got} of {length} bytes")
+            raise CutShort(f"response cut short at {got} of {length} bytes")
         got += n
     return length
 
 
-def _socks5_connect(sock: socket.socket, host: str, port: int) -> None:
+def _socks5_open(proxy_host: str, proxy_port: int, host: str, port: int) -> socket.socket:
+    sock = socket.create_connection((proxy_host, proxy_port), timeout=TIMEOUT)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.sendall(b"\x05\x01\x00")
     if sock.recv(2) != b"\x05\x00":
         raise RuntimeError("SOCKS5 method refused")
@@ -158,125 +249,194 @@ def _socks5_connect(sock: socket.socket, host: str, port: int) -> None:
     sock.sendall(b"\x05\x01\x00\x03" + bytes([len(name)]) + name + port.to_bytes(2, "big"))
     reply = b""
     while len(reply) < 10:
-        reply += sock.recv(10 - len(reply))
+        data = sock.recv(10 - len(reply))
+        if not data:
+            raise CutShort("SOCKS5: closed in the handshake")
+        reply += data
     if reply[1] != 0:
         raise RuntimeError(f"SOCKS5 refused: {reply[1]}")
+    return sock
 
 
-def measure(name: str, open_conn: Callable[[], socket.socket], target: Callable[[int], bytes],
-            requests: int, bulk: int) -> dict[str, object]:
-    sock = open_conn()
+def _connect_open(proxy_port: int, host: str, port: int) -> tuple[socket.socket, bytearray]:
+    sock = socket.create_connection(("127.0.0.1", proxy_port), timeout=TIMEOUT)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.sendall(b"CONNECT %s:%d HTTP/1.1\r\nHost: %s:%d\r\n\r\n"
+                 % (host.encode(), port, host.encode(), port))
     buf = bytearray()
+    head = _read_head(sock, buf)
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"CONNECT refused: {head[:80]!r}")
+    return sock, buf
+
+
+def fetch_once(opener: Callable[[], socket.socket], request: bytes) -> int:
+    with opener() as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(request)
+        return read_response(sock, bytearray())
+
+
+@dataclass
+class Path_:
+    name: str
+    open: Callable[[], tuple[socket.socket, bytearray]]  # a connection ready for a GET
+    request: Callable[[int, bool], bytes]  # (size, close) -> request bytes
+
+
+def make_paths(net: Network) -> list[Path_]:
+    def plain(host: str, port: int) -> Callable[[], tuple[socket.socket, bytearray]]:
+        def open_() -> tuple[socket.socket, bytearray]:
+            sock = socket.create_connection((host, port), timeout=TIMEOUT)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock, bytearray()
+        return open_
+
+    def origin_form(size: int, close: bool) -> bytes:
+        return b"GET /%d HTTP/1.1\r\nHost: b:%d\r\n%s\r\n" % (
+            size, net.port, b"Connection: close\r\n" if close else b"")
+
+    def absolute(size: int, close: bool) -> bytes:
+        return b"GET http://b:%d/%d HTTP/1.1\r\nHost: b:%d\r\n%s\r\n" % (
+            net.port, size, net.port, b"Connection: close\r\n" if close else b"")
+
+    return [
+        Path_("loopback", plain(net.vip_b, net.port), origin_form),
+        Path_("HTTP proxy", plain("127.0.0.1", net.http_port), absolute),
+        Path_("CONNECT", lambda: _connect_open(net.http_port, "b", net.port), origin_form),
+        Path_("SOCKS5", lambda: (_socks5_open("127.0.0.1", net.socks_port, "b", net.port),
+                                 bytearray()), origin_form),
+    ]
+
+
+@dataclass
+class Result:
+    rate: float
+    p50: float
+    p99: float
+    mbs: float
+    cut: int
+
+
+def _one_request(path: Path_) -> float:
+    t0 = time.perf_counter()
+    sock, buf = path.open()
+    with sock:
+        sock.sendall(path.request(1, True))
+        if read_response(sock, buf) != 1:
+            raise CutShort("wrong body size")
+    return time.perf_counter() - t0
+
+
+def measure(path: Path_, requests: int, bulk: int, keepalive: bool) -> Result:
     latencies: list[float] = []
-    for _ in range(20):  # warm-up
-        sock.sendall(target(1))
-        _read_response(sock, buf)
+    cut = 0
+    if keepalive:
+        sock, buf = path.open()
     start = time.perf_counter()
     for _ in range(requests):
-        t0 = time.perf_counter()
-        sock.sendall(target(1))
-        if _read_response(sock, buf) != 1:
-            raise RuntimeError("short response")
-        latencies.append(time.perf_counter() - t0)
+        try:
+            if keepalive:
+                t0 = time.perf_counter()
+                sock.sendall(path.request(1, False))
+                if read_response(sock, buf) != 1:
+                    raise CutShort("wrong body size")
+                latencies.append(time.perf_counter() - t0)
+            else:
+                latencies.append(_one_request(path))
+        except (CutShort, OSError) as exc:
+            cut += 1
+            print(f"  {path.name}: cut short: {exc}", file=sys.stderr)
+            if keepalive:
+                sock.close()
+                sock, buf = path.open()
     elapsed = time.perf_counter() - start
-    t0 = time.perf_counter()
-    sock.sendall(target(bulk))
-    if _read_response(sock, buf) != bulk:
-        raise RuntimeError("short bulk response")
-    bulk_s = time.perf_counter() - t0
-    sock.close()
+    if keepalive:
+        sock.close()
+    mbs = float("nan")
+    if bulk:
+        t0 = time.perf_counter()
+        try:
+            sock, buf = path.open()
+            with sock:
+                sock.sendall(path.request(bulk, True))
+                read_response(sock, buf)
+            mbs = bulk / (time.perf_counter() - t0) / 1e6
+        except (CutShort, OSError) as exc:
+            cut += 1
+            print(f"  {path.name}: bulk cut short: {exc}", file=sys.stderr)
     latencies.sort()
-    return {"path": name, "req/s": requests / elapsed,
-            "p50 ms": statistics.median(latencies) * 1e3,
-            "p99 ms": latencies[int(len(latencies) * 0.99) - 1] * 1e3,
-            "MB/s": bulk / bulk_s / 1e6}
+    if not latencies:
+        latencies.append(float("nan"))
+    return Result(rate=len(latencies) / elapsed,
+                  p50=statistics.median(latencies) * 1e3,
+                  p99=latencies[max(0, int(len(latencies) * 0.99) - 1)] * 1e3,
+                  mbs=mbs, cut=cut)
+
+
+def run_table(paths: list[Path_], requests: int, bulk: int, rounds: int,
+              keepalive: bool) -> None:
+    runs: dict[str, list[Result]] = {p.name: [] for p in paths}
+    for p in paths:  # warm-up: first connections, imports, caches
+        for _ in range(20):
+            with contextlib.suppress(CutShort, OSError):
+                measure(p, 1, 0, keepalive)
+    for _ in range(rounds):
+        for p in paths:
+            runs[p.name].append(measure(p, requests, bulk, keepalive))
+    med = {name: Result(rate=statistics.median(r.rate for r in rs),
+                        p50=statistics.median(r.p50 for r in rs),
+                        p99=statistics.median(r.p99 for r in rs),
+                        mbs=statistics.median(r.mbs for r in rs),
+                        cut=sum(r.cut for r in rs)) for name, rs in runs.items()}
+    base = med.get("loopback") or next(iter(med.values()))
+    how = "one keep-alive connection" if keepalive else "a new connection per request"
+    print(f"\n{requests} sequential 1-byte GETs, {how}; one {bulk >> 20} MiB download; "
+          f"median of {rounds} round(s); cut short counted over all "
+          f"{rounds * (requests + 1)} responses per path")
+    print(f"{'path':<12}{'req/s':>8}{'vs loop':>9}{'p50 ms':>9}{'p99 ms':>9}"
+          f"{'MB/s':>8}{'vs loop':>9}{'cut short':>11}")
+    for name, r in med.items():
+        print(f"{name:<12}{r.rate:>8.0f}{r.rate / base.rate - 1:>+9.0%}{r.p50:>9.2f}"
+              f"{r.p99:>9.2f}{r.mbs:>8.0f}{r.mbs / base.mbs - 1:>+9.0%}{r.cut:>11d}")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--requests", type=int, default=1000)
-    ap.add_argument("--bulk-mb", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=3, help="median of this many rounds")
-    ap.add_argument("--stack", action="store_true",
-                    help="proxies reach the origin through two NetStacks")
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="200 requests, 8 MiB, 1 round (a smoke run)")
+    ap.add_argument("--requests", type=int, default=None, help="default 1000")
+    ap.add_argument("--bulk-mb", type=int, default=None, help="default 64")
+    ap.add_argument("--rounds", type=int, default=None, help="median of rounds (default 3)")
+    ap.add_argument("--keepalive", action="store_true",
+                    help="also measure with one keep-alive connection per path")
+    ap.add_argument("--paths", default="loopback,http,connect,socks5",
+                    help="comma-separated subset (e.g. to profile one path)")
+    ap.add_argument("--profile", metavar="FILE", help="run agent A under cProfile into FILE")
     ap.add_argument("--origin", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--proxies", type=int, default=0, help=argparse.SUPPRESS)
     opts = ap.parse_args()
     if opts.origin:
         run_origin()
         return
-    if opts.proxies:
-        run_proxies(opts.proxies, opts.stack)
-        return
-
-    me = [sys.executable, os.path.abspath(__file__)]
-    origin = subprocess.Popen([*me, "--origin"], stdout=subprocess.PIPE, text=True)
-    proxies: subprocess.Popen[str] | None = None
+    requests = opts.requests or (200 if opts.quick else 1000)
+    bulk = (opts.bulk_mb if opts.bulk_mb is not None else 8 if opts.quick else 64) << 20
+    rounds = opts.rounds or (1 if opts.quick else 3)
+    profile = os.path.abspath(opts.profile) if opts.profile else None
+    net = start_network(profile)
     try:
-        assert origin.stdout is not None
-        oport = int(origin.stdout.readline())
-        proxies = subprocess.Popen([*me, "--proxies", str(oport),
-                                    *(["--stack"] if opts.stack else [])],
-                                   stdout=subprocess.PIPE, text=True)
-        assert proxies.stdout is not None
-        hport, sport = map(int, proxies.stdout.readline().split())
-        host = "origin" if opts.stack else "127.0.0.1"
-        dport = 80 if opts.stack else oport
-
-        def direct() -> socket.socket:
-            s = socket.create_connection(("127.0.0.1", oport))
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return s
-
-        def via_http() -> socket.socket:
-            s = socket.create_connection(("127.0.0.1", hport))
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return s
-
-        def via_socks() -> socket.socket:
-            s = socket.create_connection(("127.0.0.1", sport))
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _socks5_connect(s, host, dport)
-            return s
-
-        def origin_form(n: int) -> bytes:
-            return b"GET /%d HTTP/1.1\r\nHost: o\r\n\r\n" % n
-
-        def absolute(n: int) -> bytes:
-            return b"GET http://%s:%d/%d HTTP/1.1\r\nHost: o\r\n\r\n" % (
-                host.encode(), dport, n)
-
-        bulk = opts.bulk_mb * 1024 * 1024
-        paths = [("direct (OS)", direct, origin_form), ("HTTP proxy", via_http, absolute),
-                 ("SOCKS5", via_socks, origin_form)]
-        # Rounds interleave the paths so that load from elsewhere hits them alike; the
-        # median round of each metric is reported.
-        runs: dict[str, list[dict[str, object]]] = {name: [] for name, _, _ in paths}
-        for _ in range(opts.rounds):
-            for name, opener, target in paths:
-                runs[name].append(measure(name, opener, target, opts.requests, bulk))
-        rows = [{key: (statistics.median(float(r[key]) for r in results)  # type: ignore[arg-type]
-                       if key != "path" else name) for key in results[0]}
-                for name, results in runs.items()]
-        base = rows[0]
-        print(f"{opts.requests} sequential 1-byte GETs + one {opts.bulk_mb} MiB download, "
-              f"median of {opts.rounds} rounds; proxies reach the origin via "
-              f"{'two NetStacks' if opts.stack else 'the OS'}; load average "
+        print(f"manager + agents a ({net.vip_a}, loopback mode, proxies) and b "
+              f"({net.vip_b}, forward :{net.port} -> origin); load average "
               f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-        print(f"{'path':<14}{'req/s':>9}{'vs direct':>11}{'p50 ms':>9}{'p99 ms':>9}"
-              f"{'MB/s':>9}{'vs direct':>11}")
-        for row in rows:
-            rate = float(row["req/s"])  # type: ignore[arg-type]
-            mbs = float(row["MB/s"])  # type: ignore[arg-type]
-            print(f"{row['path']!s:<14}{rate:>9.0f}"
-                  f"{rate / float(base['req/s']) - 1:>+10.0%} "  # type: ignore[arg-type]
-                  f"{float(row['p50 ms']):>9.3f}{float(row['p99 ms']):>9.3f}"  # type: ignore[arg-type]
-                  f"{mbs:>9.0f}{mbs / float(base['MB/s']) - 1:>+10.0%} ")  # type: ignore[arg-type]
+        wanted = [w.strip().lower() for w in opts.paths.split(",")]
+        paths = [p for p in make_paths(net)
+                 if p.name.split()[0].lower() in wanted]
+        run_table(paths, requests, bulk, rounds, keepalive=False)
+        if opts.keepalive:
+            run_table(paths, requests, bulk, rounds, keepalive=True)
     finally:
-        for proc in (proxies, origin):
-            if proc is not None:
-                proc.kill()
-                proc.wait()
+        stop_network(net)
+    if profile:
+        print(f"\nprofile of agent A: {profile}")
 
 
 if __name__ == "__main__":

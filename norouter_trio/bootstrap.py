@@ -215,7 +215,7 @@ def loader_source(app: Zipapp, *, debug: bool = False) -> str:
 def preamble(app: Zipapp, *, debug: bool = False) -> bytes:
     """What goes to stdin before the first frame: one ``exec(...)`` line (ASCII, for the
     interactive interpreter), then the zipapp's bytes (read by the loader)."""
-    line = f"exec({ascii(loader_source(app, debug=debug))})\n".encode("ascii")
+    line = f"exec({loader_source(app, debug=debug)!a})\n".encode("ascii")
     return line + app.data
 
 
@@ -284,7 +284,10 @@ class BootstrapWatch(Observer):
         if link is None:
             return
         link.settled.set()
-        if link.ready or link.reported or (host.terminating and not host.exit_reason):
+        # The manager has no public "stopping" flag yet; its private one says whether this
+        # exit was asked for (Ctrl-C) rather than a failure worth explaining.
+        stopping = bool(getattr(self.manager, "_stopping", False))
+        if link.ready or link.reported or stopping:
             return  # worked, already explained, or stopped on purpose
         link.reported = True
         log.error("%s: %s", host.label, self.diagnose(host, link, code, last_stderr_lines))

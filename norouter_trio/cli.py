@@ -152,16 +152,19 @@ def _only_leaf(e: BaseException) -> BaseException:
 
 
 async def _serve(manager: Manager, relay: str | None) -> int:
-    """Run the manager (and the relay in its nursery) until a signal or all agents exit."""
+    """Run the manager (and the relay) until a signal or all agents exit.
+
+    The relay listens and attaches its observer before the first agent starts, so the
+    debug view sees every agent from its start (and a taken address fails fast)."""
     import trio
 
     async with trio.open_nursery() as outer:
         outer.start_soon(_watch_signals, manager)
-        await outer.start(manager.run)
         if relay is not None:
             from norouter_trio.relay.server import run_relay
 
-            await manager.nursery.start(run_relay, manager, relay)
+            await outer.start(run_relay, manager, relay)
+        await outer.start(manager.run)
         await manager.done.wait()
         outer.cancel_scope.cancel()
     return manager.exit_code

@@ -159,6 +159,25 @@ class FrameDecoder:
         self._check_partial(buf, pos)
         return spans, pos
 
+    def pending_frame(self) -> tuple[bytes, int] | None:
+        """The buffered start of an incomplete frame and the frame's whole length, once
+        its header has arrived (a switch may then move the rest of it without parsing)."""
+        buf = self._buf
+        if len(buf) < HEADER_LEN or self._error is not None:
+            return None
+        return buf, 4 + int.from_bytes(buf[1:4], "big")
+
+    def take_pending(self) -> bytes:
+        """Give up the incomplete frame: return its buffered start and count the whole
+        frame as consumed.  The caller moves the remaining bytes past the decoder (e.g.
+        ``os.splice``), so the next byte fed must be the start of the next frame."""
+        pending = self.pending_frame()
+        if pending is None:
+            raise ValueError("no incomplete frame with a whole header is buffered")
+        self.offset += pending[1]
+        self._buf = b""
+        return pending[0]
+
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         """Feed stream bytes; return the frames completed by them as ``(type, payload)``."""
         return [(ftype, buf[start + HEADER_LEN:end])

@@ -28,13 +28,18 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
+import fcntl
 import logging
 import os
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,6 +148,8 @@ class HostState:
     send: trio.MemorySendChannel[tuple[list[bytes | memoryview], int, int]] | None = None
     terminating: bool = False
     congested: bool = False  # queue stayed full: drop at once until it drains to half
+    tail: bytes = b""  # end of a spliced frame that did not fit: the writer sends it first
+    tee: _TeePipe | None = None  # the reader's look-ahead pipe (splice mode)
     room: trio.Event = field(default_factory=trio.Event)  # set when the writer dequeues
     terminate_requested: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
@@ -198,6 +205,84 @@ def _child_setup(parent_pid: int) -> None:
 
 
 IOV_MAX = 1024
+#: Frames at least this long are spliced pipe to pipe when the whole frame is in the
+#: source pipe and the destination is idle (Linux ``splice``; elsewhere never).
+SPLICE_MIN = 16 << 10
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+#: What a reader needs of a frame to route it: the frame header and the IPv4 header up
+#: to the destination address.
+PEEK_SIZE = frames.HEADER_LEN + 20
+#: A reader holding a large frame waits this long at most for frames queued before it to
+#: reach the destination (and only if that much is queued), so that it can splice it.
+SPLICE_WAIT = 0.005
+SPLICE_WAIT_BYTES = 2 * READ_SIZE
+_INT0 = bytes(4)
+
+
+def _load_tee() -> Any:
+    if not hasattr(os, "splice"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.tee
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_size_t, ctypes.c_uint]
+    fn.restype = ctypes.c_ssize_t
+    return fn
+
+
+_tee = _load_tee()
+
+
+class _TeePipe:
+    """A private pipe that ``tee`` fills with a copy of a source pipe's contents (page
+    references, not bytes), so that a reader can look at frame headers without taking
+    them out of the source."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe()
+        os.set_blocking(self.r, False)
+        os.set_blocking(self.w, False)
+        _raise_pipe_size(self.w)
+        self.null = os.open(os.devnull, os.O_WRONLY)
+
+    def tee_from(self, fd: int) -> int | None:
+        """Duplicate up to a pipe's worth of ``fd``; None when ``fd`` is empty (wait)."""
+        n = _tee(fd, self.w, PIPE_SIZE, _SPLICE_FLAGS)
+        if n < 0:
+            err = ctypes.get_errno()
+            if err == errno.EAGAIN:
+                return None
+            raise OSError(err, os.strerror(err))
+        return int(n)
+
+    def read(self, n: int) -> bytes:
+        return _read_exactly(self.r, n)
+
+    def discard(self, n: int) -> None:
+        while n > 0:
+            moved = os.splice(self.r, self.null, n, flags=_SPLICE_FLAGS)
+            if moved <= 0:
+                raise OSError("the tee pipe ended early")
+            n -= moved
+
+    def close(self) -> None:
+        for fd in (self.r, self.w, self.null):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _read_exactly(fd: int, n: int) -> bytes:
+    """``n`` bytes that are already in the pipe ``fd`` (FIONREAD said so)."""
+    parts = []
+    while n > 0:
+        data = os.read(fd, n)
+        if not data:
+            raise OSError("the source pipe ended inside a frame")
+        parts.append(data)
+        n -= len(data)
+    return b"".join(parts)
 
 
 class Pipe:
@@ -211,6 +296,28 @@ class Pipe:
         os.set_blocking(fd, False)
         self.fd = fd
         self.closed = False
+        #: Someone is writing to this pipe: the link's writer, or a reader splicing one
+        #: frame straight in.  Frames must not interleave, so there is one at a time.
+        self.busy = False
+        self._released = trio.Event()
+
+    def acquire_nowait(self) -> None:
+        assert not self.busy
+        self.busy = True
+
+    def release(self) -> None:
+        self.busy = False
+        self._released.set()
+        self._released = trio.Event()
+
+    async def wait_released(self) -> None:
+        """Wait for the next ``release``."""
+        await self._released.wait()
+
+    async def wait_idle(self) -> None:
+        """Wait until nobody is writing (only for the link's writer: readers never wait)."""
+        while self.busy:
+            await self._released.wait()
 
     async def read(self, max_bytes: int) -> bytes:
         """Up to ``max_bytes``; b"" at EOF.  Always checkpoints (a busy pipe cannot starve
@@ -300,6 +407,8 @@ class Manager:
         self._live: dict[bytes, HostState] = {}  # VIP → link that can take frames
         self._observers: list[Observer] = []
         self._packet_observers: list[Observer] = []
+        self._on_switched: list[Callable[[HostState, HostState, bytes], None]] = []
+        self._on_dropped: list[Callable[[HostState, str, bytes], None]] = []
         self._nursery: trio.Nursery | None = None
         self._stopping = False
         self._wake = trio.Event()
@@ -313,6 +422,10 @@ class Manager:
         """Watch the manager.  Only observers that define ``frame_switched`` or
         ``frame_dropped`` (other than the no-op) put the switch on its per-frame path."""
         self._observers.append(observer)
+        if _overrides(observer, "frame_switched"):
+            self._on_switched.append(observer.frame_switched)  # bound once, not per frame
+        if _overrides(observer, "frame_dropped"):
+            self._on_dropped.append(observer.frame_dropped)
         if any(_overrides(observer, m) for m in ("frame_switched", "frame_dropped")):
             self._packet_observers.append(observer)
 
@@ -395,6 +508,13 @@ class Manager:
                 fn(*args)
             except Exception:
                 log.exception("observer %r failed in %s", o, method)
+
+    def _dropped(self, src: HostState, reason: str, packet: bytes) -> None:
+        for fn in self._on_dropped:
+            try:
+                fn(src, reason, packet)
+            except Exception:
+                log.exception("observer %r failed in frame_dropped", fn)
 
     def _warn(self, h: HostState, msg: str) -> None:
         log.warning("%s: %s", h.label, msg)
@@ -549,6 +669,7 @@ class Manager:
         assert stdin is not None
         try:
             async for parts, count, size in recv:
+                await stdin.wait_idle()  # a reader may be splicing a frame into the pipe
                 while size < WRITE_BATCH_BYTES and len(parts) < IOV_MAX:
                     try:
                         p, c, n = receive_nowait()
@@ -557,13 +678,21 @@ class Manager:
                     parts.extend(p)
                     size += n
                     count += c
+                if h.tail:  # the rest of a frame whose splice found the pipe full
+                    parts.insert(0, h.tail)
+                    size += len(h.tail)
+                    h.tail = b""
                 h.queued_bytes -= size
                 if h.congested and h.queued_bytes <= self.queue_bytes // 2:
                     h.congested = False
                     log.info("%s: queue drained; forwarding again", h.label)
                 h.room.set()
                 h.room = trio.Event()
-                await stdin.write(parts)
+                stdin.acquire_nowait()
+                try:
+                    await stdin.write(parts)
+                finally:
+                    stdin.release()
                 h.frames_out += count
                 h.bytes_out += size
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
@@ -606,11 +735,27 @@ class Manager:
 
     async def _reader(self, h: HostState, stream: Pipe,
                       done: trio.Event) -> None:
+        """Parse big reads of frames and switch them; splice runs of large frames.
+
+        Once a large frame has been spliced the reader stays in splice mode: it looks at
+        the next frames through ``tee`` (``_splice_run``) and moves whole runs of large
+        frames for one destination with one ``splice``, so they never pass through user
+        space.  Anything else (small frames, a busy destination) goes back to big reads."""
         decoder = frames.FrameDecoder(h.label)
+        size = READ_SIZE
+        splicing = False
         try:
             while True:
+                if splicing:
+                    try:
+                        splicing = await self._splice_run(h, stream)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                        h.exit_reason = h.exit_reason or f"stdout unreadable: {e}"
+                        break
+                    if splicing:
+                        continue
                 try:
-                    data = await stream.read(READ_SIZE)
+                    data = await stream.read(size)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
                     h.exit_reason = h.exit_reason or f"stdout unreadable: {e}"
                     break
@@ -628,10 +773,179 @@ class Manager:
                     blocked = self._switch(h, buf, spans)
                     if blocked:
                         await self._wait_for_room(h, blocked)
+                size = READ_SIZE
+                pending = decoder.pending_frame()
+                if (pending is None or pending[1] < SPLICE_MIN or _tee is None
+                        or self._packet_observers):
+                    continue
+                head, total = pending
+                if len(head) < PEEK_SIZE:  # read the rest of the routing prefix first
+                    size = PEEK_SIZE - len(head)
+                    continue
+                dst = await self._splice_target(head, stream.fd, total - len(head))
+                if dst is not None:
+                    decoder.take_pending()
+                    await self._splice(h, dst, stream, head, total - len(head), 1)
+                    splicing = True
         finally:
             if not h.terminating:
                 self._terminate(h)
+            if h.tee is not None:
+                h.tee.close()
             done.set()
+
+    # -- the switch: large frames --------------------------------------------------------
+    def _route_prefix(self, head: bytes | memoryview) -> HostState | None:
+        """The live destination of a frame from its first ``PEEK_SIZE`` bytes, if it is a
+        large IPv4 frame (else None: the normal path decides, drops and counts)."""
+        if head[4:6] != b"\x00\x01" or head[8] >> 4 != 4:
+            return None
+        dst_ip = bytes(head[24:28])
+        dst = self._live.get(dst_ip)
+        if dst is None:
+            owner = self.routing.resolve(dst_ip)
+            dst = self._live.get(owner) if owner is not None else None
+        return dst
+
+    async def _splice_target(self, head: bytes, src_fd: int, rest: int) -> HostState | None:
+        """Where the large frame starting with ``head`` can be spliced to, or None.
+
+        Its remaining ``rest`` bytes must be in the source pipe already (a slow source must
+        not hold the destination), and the destination must be idle: frames queued before
+        this one go first, and waiting briefly for them is worth it, since from then on a
+        stream of large frames is spliced."""
+        dst = self._route_prefix(head)
+        if dst is None or dst.congested or dst.stdin is None:
+            return None
+        try:
+            avail = struct.unpack("i", fcntl.ioctl(src_fd, termios.FIONREAD, _INT0))[0]
+        except OSError:
+            return None
+        if avail < rest:
+            return None
+        return dst if await self._wait_idle(dst) else None
+
+    async def _wait_idle(self, dst: HostState) -> bool:
+        """Whether ``dst``'s stdin is free with nothing queued (after a short wait)."""
+        stdin = dst.stdin
+        if stdin is None:
+            return False
+        if dst.queued_bytes or dst.tail or stdin.busy:
+            if dst.queued_bytes > SPLICE_WAIT_BYTES:
+                return False
+            with trio.move_on_after(SPLICE_WAIT):
+                while dst.queued_bytes or dst.tail or stdin.busy:
+                    await stdin.wait_released()
+            if dst.queued_bytes or dst.tail or stdin.busy:
+                return False
+        return not stdin.closed and self._live.get(ip_bytes(dst.vip)) is dst
+
+    async def _splice_run(self, src: HostState, stream: Pipe) -> bool:
+        """Splice the run of whole large frames for one destination at the head of the
+        source pipe; False (nothing consumed) when the next frame is not one of those.
+
+        ``tee`` duplicates the pipe's contents into a private pipe without consuming them;
+        the frame headers are read from that copy (the bodies skipped to /dev/null), then
+        the run is moved to the destination with ``splice``."""
+        fd = stream.fd
+        tee = src.tee
+        if tee is None:
+            tee = src.tee = _TeePipe()
+        while True:
+            if stream.closed:
+                raise trio.ClosedResourceError("pipe closed")
+            n = tee.tee_from(fd)
+            if n is not None:
+                break
+            await trio.lowlevel.wait_readable(fd)
+        if n < PEEK_SIZE:
+            tee.discard(n)
+            return False
+        dst: HostState | None = None
+        run = count = 0
+        read = 0  # bytes consumed from the tee copy
+        while n - run >= PEEK_SIZE:
+            head = tee.read(PEEK_SIZE)
+            read += PEEK_SIZE
+            word = int.from_bytes(head[:4], "big")
+            total = 4 + (word & 0xFFFFFF)
+            if word >> 24 != frames.MAGIC or total < SPLICE_MIN or run + total > n:
+                break
+            d = self._route_prefix(head)
+            if d is None or (dst is not None and d is not dst):
+                break
+            dst = d
+            run += total
+            count += 1
+            if run + PEEK_SIZE > n:
+                break
+            tee.discard(total - PEEK_SIZE)
+            read += total - PEEK_SIZE
+        tee.discard(n - read)
+        if dst is None or dst.congested or not await self._wait_idle(dst):
+            return False
+        await self._splice(src, dst, stream, b"", run, count)
+        await trio.lowlevel.checkpoint()
+        return True
+
+    async def _splice(self, src: HostState, dst: HostState, stream: Pipe,
+                      head: bytes, rest: int, count: int) -> None:
+        """Write ``head`` to ``dst``, then move ``rest`` bytes (the remainder of ``count``
+        whole frames) from the source's pipe to the destination's with ``splice``.
+
+        The frames are all in the source pipe, so only the destination can make us wait; as
+        with full queues we wait up to ``BACKPRESSURE_WAIT`` for room, then read what is
+        left into ``dst.tail`` (its writer sends it first), mark ``dst`` congested and go
+        on.  If the destination goes away, the rest is skipped."""
+        stdin = dst.stdin
+        assert stdin is not None
+        out, src_fd = stdin.fd, stream.fd
+        view = memoryview(head)
+        total = len(head) + rest
+        src.frames_in += count
+        src.bytes_in += total
+        stdin.acquire_nowait()
+        try:
+            while view or rest:
+                if stdin.closed:
+                    break
+                try:
+                    if view:
+                        view = view[os.write(out, view):]
+                    else:
+                        n = os.splice(src_fd, out, rest, flags=_SPLICE_FLAGS)
+                        if n == 0:  # cannot happen: the frames were seen in the pipe
+                            raise OSError("the pipe ended inside a frame")
+                        rest -= n
+                except BlockingIOError:
+                    with trio.move_on_after(BACKPRESSURE_WAIT):
+                        await trio.lowlevel.wait_writable(out)
+                        continue
+                    if stdin.closed:
+                        break
+                    dst.tail = bytes(view) + _read_exactly(src_fd, rest)
+                    dst.queued_bytes += len(dst.tail)
+                    self._mark_congested(dst)
+                    if dst.send is not None:  # wake the writer
+                        with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError,
+                                                 trio.ClosedResourceError):
+                            dst.send.send_nowait(([], 0, 0))
+                    dst.frames_out += count
+                    dst.bytes_out += total - len(dst.tail)
+                    return
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+            else:
+                dst.frames_out += count
+                dst.bytes_out += total
+                return
+        except trio.ClosedResourceError:
+            pass
+        finally:
+            stdin.release()
+        # The destination went away mid-frame: its stream is over; skip the rest.
+        _read_exactly(src_fd, rest)
+        dst.drop("host_down", count)
 
     # -- the switch -------------------------------------------------------------------
     def _switch(self, src: HostState, buf: bytes, spans: list[tuple[int, int, int]]
@@ -682,6 +996,8 @@ class Manager:
                          spans: list[tuple[int, int, int]]) -> list[_Blocked]:
         """The same decisions, frame by frame, telling the observers."""
         live = self._live
+        on_switched = self._on_switched
+        view = memoryview(buf)
         pending: dict[HostState, list[bytes | memoryview]] = {}
         for ftype, start, end in spans:
             src.frames_in += 1
@@ -693,8 +1009,12 @@ class Manager:
                     if dst is None:
                         continue
                 packet = buf[start + 8:end]
-                self._notify("frame_switched", src, dst, packet)
-                pending.setdefault(dst, []).append(buf[start:end])
+                for fn in on_switched:
+                    try:
+                        fn(src, dst, packet)
+                    except Exception:
+                        log.exception("observer %r failed in frame_switched", fn)
+                pending.setdefault(dst, []).append(view[start:end])
             else:
                 self._other_frame(src, ftype, buf[start + 8:end])
         blocked: list[_Blocked] = []
@@ -717,8 +1037,8 @@ class Manager:
             reason = "no_route"
             src.drop(reason)
             self._no_route_warning(src, packet, "no host has that VIP and no route covers it")
-        if self._packet_observers:
-            self._notify("frame_dropped", src, reason, packet)
+        if self._on_dropped:
+            self._dropped(src, reason, packet)
         return None
 
     def _no_route_warning(self, src: HostState, packet: bytes, why: str) -> None:
@@ -752,16 +1072,19 @@ class Manager:
                 dst.queued_bytes += size
                 return True
         if dst.congested or final:
-            if not dst.congested:
-                dst.congested = True
-                log.warning("%s: its queue stays full (%d bytes); dropping frames for it "
-                            "until it drains", dst.label, dst.queued_bytes)
+            self._mark_congested(dst)
             dst.drop("queue_full", n)
-            if self._packet_observers:  # on that path each part is one whole frame
+            if self._on_dropped:  # on that path each part is one whole frame
                 for part in parts:
-                    self._notify("frame_dropped", src, "queue_full", bytes(part[8:]))
+                    self._dropped(src, "queue_full", bytes(part[8:]))
             return True
         return False
+
+    def _mark_congested(self, dst: HostState) -> None:
+        if not dst.congested:
+            dst.congested = True
+            log.warning("%s: its queue stays full (%d bytes); dropping frames for it "
+                        "until it drains", dst.label, dst.queued_bytes)
 
     async def _wait_for_room(self, src: HostState, blocked: list[_Blocked]) -> None:
         """Back-pressure for a destination that is merely slower: hold this source's reader
@@ -777,8 +1100,8 @@ class Manager:
     def _other_frame(self, src: HostState, ftype: int, payload: bytes) -> None:
         if ftype == frames.TYPE_L3:
             src.drop("bad_packet")
-            if self._packet_observers:
-                self._notify("frame_dropped", src, "bad_packet", payload)
+            if self._on_dropped:
+                self._dropped(src, "bad_packet", payload)
             log.debug("%s: dropped an L3 frame that is not an IPv4 packet (%d bytes)",
                       src.label, len(payload))
         elif ftype == frames.TYPE_JSON:

@@ -24,19 +24,23 @@ import functools
 import hashlib
 import importlib.metadata as md
 import io
+import json
 import logging
 import os
 import platform
 import re
 import sys
 import zipfile
+import zipimport
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from norouter_trio import __version__
 
 __all__ = [
+    "BUILD_INFO",
     "MIN_PYTHON",
     "PROFILES",
     "SHEBANG",
@@ -53,6 +57,8 @@ MIN_PYTHON = (3, 10)
 #: Python minors a build is checked against for version-specific dependencies.
 _KNOWN_MINORS = range(10, 16)
 SHEBANG = b"#!/usr/bin/env python3\n"
+#: Build facts kept in the archive (so that a zipapp can re-pack itself).
+BUILD_INFO = "norouter-zipapp.json"
 #: The distributions each profile starts from (their requirements are followed).
 PROFILES: dict[str, tuple[str, ...] | None] = {
     "full": None,  # the requirements of the norouter-trio distribution
@@ -77,6 +83,14 @@ if tuple(sys.version_info[:2]) < {min_python!r}:
                      "Python >= {min_text}; install a newer python3 and run it with that\\n"
                      % (sys.version.split()[0], sys.executable or "python"))
     sys.exit(1)
+if sys.argv[1:] in (["agent", "--automated"], ["agent", "--automated", "--debug"],
+                    ["--debug", "agent", "--automated"]):
+    # What the manager runs: start the agent without the CLI's imports (cyclopts, rich),
+    # which cost about a second when compiled from the zip.  Same as `cli._agent`.
+    from norouter_trio.log import setup_logging
+    setup_logging("--debug" in sys.argv, agent=True)
+    from norouter_trio.agent.main import run_agent
+    sys.exit(run_agent())
 from norouter_trio.cli import main
 main()
 '''
@@ -141,6 +155,14 @@ def _vtuple(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
 
 
+def _compare(op: str, a: Any, b: Any, marker: str) -> bool:
+    ops = {"==": a == b, "===": a == b, "~=": a >= b, "!=": a != b, "<": a < b,
+           "<=": a <= b, ">": a > b, ">=": a >= b}
+    if op not in ops:
+        raise ValueError(f"unknown operator {op!r} in {marker!r}")
+    return bool(ops[op])
+
+
 def marker_applies(marker: str, minor: int) -> bool:
     """Whether a requirement's marker holds on this platform for Python 3.``minor``.
 
@@ -184,15 +206,9 @@ def marker_applies(marker: str, minor: int) -> bool:
             return left in right
         if op == "not in":
             return left not in right
-        a: tuple[int, ...] | str = left
-        b: tuple[int, ...] | str = right
         if lver or rver:
-            a, b = _vtuple(left), _vtuple(right)
-        ops = {"==": a == b, "===": a == b, "~=": a >= b, "!=": a != b, "<": a < b,
-               "<=": a <= b, ">": a > b, ">=": a >= b}
-        if op not in ops:
-            raise ValueError(f"unknown operator {op!r} in {marker!r}")
-        return ops[op]
+            return _compare(op, _vtuple(left), _vtuple(right), marker)
+        return _compare(op, left, right, marker)
 
     def conjunction() -> bool:
         nonlocal i
@@ -366,7 +382,7 @@ def _collect(profile: str) -> _Plan:
         seen.add(key)
         label = f"{dist.metadata['Name']} {dist.version}"
         plan.dists.append(label)
-        floor = _requires_python_floor(dist.metadata.get("Requires-Python"))
+        floor = _requires_python_floor((dist.metadata.get_all("Requires-Python") or [None])[0])
         if floor is not None:
             plan.raise_floor(floor, f"{label} needs it")
         _dist_files(plan, dist, label)
@@ -398,12 +414,15 @@ def _zip(files: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def build_zipapp(profile: str = "full") -> Zipapp:
     """Pack the running installation (cached: the same bytes for the life of the process).
 
     Raises :class:`ZipappError` when a needed dependency is not installed.
     """
+    archive = _running_archive()
+    if archive is not None:
+        return _from_archive(archive)
     plan = _collect(profile)
     min_text = f"{plan.floor[0]}.{plan.floor[1]}"
     if plan.floor_why:
@@ -411,6 +430,10 @@ def build_zipapp(profile: str = "full") -> Zipapp:
     plan.files["__main__.py"] = _MAIN.format(
         version=__version__, min_python=plan.floor,
         min_text=min_text.replace("\\", "\\\\").replace('"', '\\"')).encode()
+    plan.files[BUILD_INFO] = json.dumps({
+        "version": __version__, "profile": profile, "min_python": list(plan.floor),
+        "min_python_why": plan.floor_why, "dists": sorted(plan.dists), "notes": plan.notes,
+    }, indent=1, sort_keys=True).encode()
     data = _zip(plan.files)
     app = Zipapp(data=data, version=__version__, min_python=plan.floor, profile=profile,
                  dists=tuple(sorted(plan.dists)), notes=tuple(plan.notes),
@@ -418,6 +441,37 @@ def build_zipapp(profile: str = "full") -> Zipapp:
     log.debug("zipapp %s: %d files, %d bytes, Python >= %s", profile, len(plan.files),
               len(data), app.min_python_text)
     return app
+
+
+def _running_archive() -> bytes | None:
+    """The zipapp this process runs from, if norouter itself was zipimported."""
+    import norouter_trio
+
+    spec = norouter_trio.__spec__
+    loader = spec.loader if spec is not None else None
+    if isinstance(loader, zipimport.zipimporter):
+        try:
+            return Path(loader.archive).read_bytes()
+        except OSError as e:
+            raise ZipappError(f"cannot read the running zipapp {loader.archive}: "
+                              f"{e.strerror}") from None
+    return None
+
+
+def _from_archive(raw: bytes) -> Zipapp:
+    """Re-pack the running zipapp: the same entries give the same bytes, so an installed
+    norouter hands on exactly itself (``show-installer`` and bootstrap from a zipapp).
+    Its dependency metadata is incomplete, so both profiles get the whole archive."""
+    with zipfile.ZipFile(io.BytesIO(raw)) as zf:
+        try:
+            info = json.loads(zf.read(BUILD_INFO))
+        except (KeyError, ValueError) as e:
+            raise ZipappError(f"the running zipapp has no readable {BUILD_INFO}: {e}") from None
+        files = {n: zf.read(n) for n in zf.namelist() if not n.endswith("/")}
+    floor = (int(info["min_python"][0]), int(info["min_python"][1]))
+    return Zipapp(data=_zip(files), version=str(info["version"]), min_python=floor,
+                  profile=str(info["profile"]), dists=tuple(info["dists"]),
+                  notes=tuple(info["notes"]), min_python_why=tuple(info["min_python_why"]))
 
 
 def write_zipapp(path: str | os.PathLike[str], app: Zipapp | None = None) -> Zipapp:

@@ -34,6 +34,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -191,7 +192,14 @@ class ClientOpts:
 def _read_all(sock: socket.socket, opts: ClientOpts, h: Any) -> int:
     got = 0
     paused = opts.pause_after < 0
-    while data := sock.recv(1 << 18):
+    while True:
+        try:
+            data = sock.recv(1 << 18)
+        except TimeoutError:
+            raise ScenarioError(f"stalled: nothing for {opts.timeout}s after {got} bytes "
+                                f"from {opts.addr}") from None
+        if not data:
+            break
         h.update(data)
         got += len(data)
         if not paused and got >= opts.pause_after:
@@ -519,8 +527,10 @@ class Scenario:
             if "background" in st:
                 self.background[st["background"]] = self.spawn(f"bg-{st['background']}", on, cmd)
                 return f"{on}: started {st['background']}"
+            # a transfer reports its own stalls (socket timeout); give it time to say so
+            limit = timeout + 15 if "transfer" in st else timeout
             for _ in range(int(st.get("repeat", 1))):
-                r = self.run_in(on, cmd, timeout)
+                r = self.run_in(on, cmd, limit)
                 self.check(st, f"{on}: {cmd}", r.returncode, r.stdout, r.stderr)
             out = r.stdout.decode(errors="replace").strip().splitlines()
             return f"{on}: {cmd if isinstance(cmd, str) else shlex.join(cmd)}" + (
@@ -667,6 +677,7 @@ def run_scenario(path: str | Path, *, keep: bool = False, debug: bool = False,
         sc.ns = dict(zip(names, made, strict=True))
         log(f"[{path.stem}] namespaces: "
             + ", ".join(f"{n}={m.name}" for n, m in sc.ns.items()) + f"; files in {workdir}")
+        passed = False
         try:
             sc.setup(netns)
             for i, st in enumerate(spec["steps"], 1):
@@ -679,6 +690,7 @@ def run_scenario(path: str | Path, *, keep: bool = False, debug: bool = False,
                 except ScenarioError as e:
                     raise ScenarioError(f"step {i} ({st}): {e}") from None
                 log(f"[{path.stem}] step {i} ok ({time.monotonic() - t0:.1f}s): {msg}")
+            passed = True
         except BaseException as e:
             if sc.manager is not None:
                 tail = sc.manager_log()[-4000:]
@@ -689,6 +701,8 @@ def run_scenario(path: str | Path, *, keep: bool = False, debug: bool = False,
         finally:
             if not keep:
                 sc.teardown()
+                if passed:  # logs are kept only when something failed
+                    shutil.rmtree(workdir, ignore_errors=True)
             else:
                 log(f"[{path.stem}] --keep: namespaces and processes left up (enter one with "
                     f"`ip netns exec NAME bash`; logs in {workdir}); remove them with "

@@ -433,7 +433,7 @@ def test_delayed_ack_timer_and_every_second_segment() -> None:
 
 
 def test_rto_deadline_retransmission_backoff_and_user_timeout() -> None:
-    a, _ = pair(cfg_a=TCPConfig(max_retries=3, min_rto=0.2))
+    a, _ = pair(cfg_a=TCPConfig(max_retries=3, min_rto=0.2, tail_loss_probe=False))
     a.send(b"data", 0.0)
     (d,) = a.segments_to_send(0.0)
     deadlines = []
@@ -718,3 +718,54 @@ def test_filling_the_send_buffer_exactly_also_promises_writable() -> None:
     b.handle_timer(0.04)
     pump(a, b, 0.04)
     assert events(a) == [Writable()] and a.send_buffer_free == 4000
+
+
+def test_pure_ack_from_the_right_window_edge_is_accepted_not_answered() -> None:
+    # A filled B's whole window; A's next pure ACK carries SEQ = B's right edge. Taking
+    # that as out-of-window made both ends ACK each other forever (found by the lossy
+    # link tests); it must simply be processed.
+    a, b = pair(cfg_b=TCPConfig(recv_buffer=3000))
+    a.set_nodelay(True)
+    a.send(bytes(3000), 0.0)
+    held = a.segments_to_send(0.0)  # in flight, not delivered yet
+    assert sum(len(s.payload) for s in held) == 3000
+    b.send(b"x", 0.0)
+    (bseg,) = b.segments_to_send(0.0)
+    a.receive_segment(bseg, 0.001)
+    a.handle_timer(0.05)
+    (ack,) = a.segments_to_send(0.05)
+    assert ack.seq == (b.rcv_nxt + 3000) & sq.MASK and not ack.payload
+    b.receive_segment(ack, 0.051)
+    assert b.snd_una == (bseg.seq + 1) & sq.MASK
+    assert b.segments_to_send(0.051) == []
+
+
+def test_out_of_window_pure_acks_are_answered_at_a_limited_rate() -> None:
+    a, _ = pair(cfg_a=TCPConfig(challenge_ack_limit=2))
+    answers = 0
+    for _ in range(10):
+        a.receive_segment(Segment(80, 40000, (a.rcv_nxt - 5000) & sq.MASK, a.snd_nxt, ACK, 9), 1.0)
+        answers += len(a.segments_to_send(1.0))
+    assert answers == 2
+
+
+def test_tail_loss_probe_resends_the_last_segment_before_the_rto() -> None:
+    a, b = pair()
+    a.set_nodelay(True)
+    a.send(b"warm", 1.0)
+    move(a, b, 1.0)
+    b.handle_timer(1.04)
+    move(b, a, 1.05)  # RTT sample 50 ms: SRTT 0.05, RTO 0.2 (floor)
+    a.send(bytes(3000), 2.0)
+    (last,) = a.segments_to_send(2.0)  # lost on the way
+    # PTO = 2*SRTT + delayed-ACK allowance (one segment in flight), before the RTO.
+    assert a.get_timer() == pytest.approx(2.0 + 2 * 0.05 + 0.04)
+    t = a.get_timer()
+    assert t is not None
+    a.handle_timer(t)
+    (probe,) = a.segments_to_send(t)
+    assert probe.seq == last.seq and probe.payload == last.payload
+    b.receive_segment(probe, t)
+    b.handle_timer(t + 0.04)
+    move(b, a, t + 0.04)
+    assert a.snd_una == a.snd_max and a.get_timer() is None

@@ -1,25 +1,34 @@
 """HTTP proxy on `http.listen`: absolute-URI requests and CONNECT tunnels.
 
 Each destination is dialled through `Dialer` (stack for the virtual network, OS for the
-rest). HTTP/1.1 parsing and framing on both sides is h11's; bodies (chunked or sized) are
-streamed event by event, never buffered whole. One upstream connection is kept per client
-connection and reused while the client keeps asking the same host:port.
+rest). Only heads are parsed (strictly: a bad request is a 400, not guessed at); bodies
+are passed through as raw bytes in large reads, never re-encoded or buffered whole. The
+parser tracks only what it must to find where a message ends (Content-Length, chunked
+sizes, or the end of the stream), so a request costs two small head parses and the
+copies. One upstream connection is kept per client connection and reused while the
+client keeps asking the same host:port.
+
+What is rewritten: the request line (origin-form target, HTTP/1.1), `Host:` (the URI's
+authority wins) and the hop-by-hop headers (those of RFC 9110 §7.6.1 and those named in
+`Connection:`), both ways. A response whose body ends at EOF is re-framed as chunked for
+an HTTP/1.1 client (so its connection survives); an HTTP/1.0 client gets chunked bodies
+decoded and the connection closed after each response.
 
 Errors a client sees: 400 (malformed request, not an absolute http:// URI), 431 (request
-head larger than `max_header_bytes`), 502 (destination unreachable, with the reason).
-After an error the connection is closed; the proxy keeps serving everyone else.
+head larger than `max_header_bytes`), 501 (a transfer coding other than chunked), 502
+(destination unreachable or its answer malformed, with the reason). After an error the
+connection is closed; the proxy keeps serving everyone else.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass
+import re
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
-import h11
 import trio
 
 from norouter_trio.agent.dialer import (
@@ -36,18 +45,44 @@ log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
 UPSTREAM_MAX_HEADERS = 256 * 1024
-_COPY_LIMIT = 16 * 1024  # body pieces smaller than this are coalesced with the head
+_MAX_CHUNK_LINE = 4096  # a chunk-size line or a trailer line longer than this is refused
 _HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
     b"proxy-authorization", b"te", b"trailer", b"upgrade",
 })
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e\x80-\xff]+) HTTP/1\.([0-9])")
+_STATUS_LINE = re.compile(rb"HTTP/1\.([0-9]) ([0-9]{3})(?: ([^\x00\r\n]*))?")
+_HEADER_LINE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*([^\x00\r\n]*?)[ \t]*")
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_LINE_END = re.compile(rb"\r?\n")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
+
 Headers = list[tuple[bytes, bytes]]
 
 
 class BadRequest(Exception):
     """The request cannot be proxied; the message goes into the 400 body."""
+
+
+class _HTTPError(Exception):
+    """Answer the client with `status` and close (`str()` goes into the body)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _UpstreamFailed(Exception):
+    """The upstream broke, closed or answered garbage; `started`: the client has had
+    part of the response already (so no 502 can be sent any more)."""
+
+    def __init__(self, reason: str, *, started: bool, idle: bool = False) -> None:
+        super().__init__(reason)
+        self.started = started
+        self.idle = idle  # closed before sending a single byte (a stale kept-alive one)
 
 
 def parse_absolute_uri(target: bytes) -> tuple[str, int, str, bytes]:
@@ -85,33 +120,109 @@ def parse_authority(target: bytes) -> tuple[str, int]:
     return host, int(port_text)
 
 
-class ParsedHeaders(Protocol):
-    """h11's header list: lower-case (name, value) pairs, and the names as received."""
+def parse_headers(lines: list[bytes]) -> Headers:
+    """Header lines -> (name as received, value); obsolete line folding is unfolded.
+    ValueError names the first bad line."""
+    headers: Headers = []
+    for line in lines:
+        if line[:1] in (b" ", b"\t") and headers:  # obs-fold (RFC 9112 §5.2)
+            name, value = headers[-1]
+            headers[-1] = (name, value + b" " + line.strip(b" \t"))
+            continue
+        m = _HEADER_LINE.fullmatch(line)
+        if m is None:
+            raise ValueError(f"malformed header line {line[:60]!r}")
+        headers.append((m[1], m[2]))
+    return headers
 
-    def __iter__(self) -> Iterator[tuple[bytes, bytes]]: ...
-    def raw_items(self) -> list[tuple[bytes, bytes]]: ...
 
-
-def end_to_end_headers(headers: ParsedHeaders,
-                       *, drop: frozenset[bytes] = frozenset()) -> Headers:
-    """Headers without the hop-by-hop ones (including those named in `Connection:`),
-    with their names spelled as received."""
-    named = {token.strip().lower() for name, value in headers if name == b"connection"
-             for token in value.split(b",")}
-    skip = _HOP_BY_HOP | named | drop
-    return [(raw, value) for raw, value in headers.raw_items() if raw.lower() not in skip]
-
-
-def _has_body(headers: Headers) -> bool:
+def hop_by_hop(headers: Headers) -> tuple[frozenset[bytes], bool]:
+    """(lower-case names not to forward, whether `Connection:` says close)."""
+    named: set[bytes] = set()
     for name, value in headers:
-        name = name.lower()
-        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
-            return True
-    return False
+        if name.lower() == b"connection":
+            named.update(token.strip().lower() for token in value.split(b","))
+    return _HOP_BY_HOP | named, b"close" in named
 
 
-def _head_size(request: h11.Request) -> int:
-    return len(request.target) + sum(len(n) + len(v) + 4 for n, v in request.headers)
+def body_framing(headers: Headers) -> tuple[bool, int | None, bool]:
+    """(chunked, content length, other transfer coding) of a message; ValueError when
+    Content-Length is malformed, conflicting, or given beside Transfer-Encoding."""
+    codings: list[bytes] = []
+    length: int | None = None
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"transfer-encoding":
+            codings += [c.strip().lower() for c in value.split(b",") if c.strip()]
+        elif lower == b"content-length":
+            for item in value.split(b","):
+                item = item.strip()
+                if not item.isdigit() or len(item) > 18:
+                    raise ValueError(f"bad Content-Length {value[:40]!r}")
+                if length is not None and int(item) != length:
+                    raise ValueError("conflicting Content-Length values")
+                length = int(item)
+    if codings:
+        if length is not None:
+            raise ValueError("both Content-Length and Transfer-Encoding")
+        return codings[-1] == b"chunked", None, codings != [b"chunked"]
+    return False, length, False
+
+
+class ChunkedScanner:
+    """Finds where a chunked body ends (RFC 9112 §7.1) without copying chunk data;
+    with `decode` it also hands out the data (for an HTTP/1.0 client)."""
+
+    __slots__ = ("_left", "_partial", "_state")
+    _SIZE, _DATA, _DATA_END, _TRAILER = range(4)
+
+    def __init__(self) -> None:
+        self._state = self._SIZE
+        self._left = 0
+        self._partial = b""
+
+    def feed(self, data: bytes | bytearray, start: int = 0,
+             decode: list[bytes] | None = None) -> int:
+        """Scan `data[start:]`: the offset just past the body's end, or -1 when the body
+        goes on. ValueError for a malformed chunk."""
+        i, n = start, len(data)
+        while i < n:
+            if self._state == self._DATA:
+                take = min(self._left, n - i)
+                if decode is not None:
+                    decode.append(bytes(data[i:i + take]))
+                i += take
+                self._left -= take
+                if not self._left:
+                    self._state = self._DATA_END
+                continue
+            j = data.find(b"\n", i)
+            if j < 0:
+                self._partial += data[i:]
+                if len(self._partial) > _MAX_CHUNK_LINE:
+                    raise ValueError("chunk line too long")
+                return -1
+            line = (self._partial + data[i:j]) if self._partial else bytes(data[i:j])
+            self._partial = b""
+            i = j + 1
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if len(line) > _MAX_CHUNK_LINE:
+                raise ValueError("chunk line too long")
+            if self._state == self._DATA_END:
+                if line:
+                    raise ValueError("no CRLF after chunk data")
+                self._state = self._SIZE
+            elif self._state == self._SIZE:
+                size = line.split(b";", 1)[0].strip(b" \t")
+                if _HEX.fullmatch(size) is None:
+                    raise ValueError(f"bad chunk size {line[:20]!r}")
+                self._left = int(size, 16)
+                self._state = self._DATA if self._left else self._TRAILER
+            elif not line:  # the empty line after the trailers
+                self._state = self._SIZE
+                return i
+        return -1
 
 
 def _reason(status: int) -> bytes:
@@ -121,58 +232,57 @@ def _reason(status: int) -> bytes:
         return b""
 
 
-def _as_bytes(data: bytes | bytearray) -> bytes:
-    return data if isinstance(data, bytes) else bytes(data)
+def _chunk(data: bytes | bytearray) -> bytes:
+    return b"%x\r\n" % len(data) + data + b"\r\n"
 
 
 class _Upstream:
-    """One upstream HTTP/1.1 connection, spoken through an h11 client."""
+    """One upstream connection and what was read from it beyond the last message."""
+
+    __slots__ = ("buf", "key", "stream", "used")
 
     def __init__(self, key: tuple[str, int], stream: trio.abc.Stream) -> None:
         self.key = key
         self.stream = stream
-        self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=UPSTREAM_MAX_HEADERS)
+        self.buf = bytearray()
         self.used = False
 
-    async def next_event(self, before_wait: _Flush) -> h11.Event:
-        while True:
-            event = self.conn.next_event()
-            if event is h11.NEED_DATA:
-                await before_wait()
-                self.conn.receive_data(_as_bytes(await self.stream.receive_some(CHUNK)))
-            elif event is h11.PAUSED:
-                raise h11.RemoteProtocolError("upstream sent more than one response", 502)
-            else:
-                return event  # type: ignore[return-value]
 
-    def reusable(self) -> bool:
-        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
-            self.conn.start_next_cycle()
-            return True
-        return False
+class _Request:
+    __slots__ = (
+        "chunked",
+        "close",
+        "headers",
+        "http11",
+        "length",
+        "method",
+        "skip",
+        "target",
+    )
 
+    def __init__(self, head: bytes) -> None:
+        lines = _LINE_END.split(head)
+        m = _REQUEST_LINE.fullmatch(lines[0])
+        if m is None:
+            raise _HTTPError(400, f"bad request line {lines[0][:80]!r}")
+        self.method, self.target = m[1], m[2]
+        self.http11 = m[3] != b"0"
+        try:
+            self.headers = parse_headers([line for line in lines[1:] if line])
+            self.chunked, self.length, other = body_framing(self.headers)
+        except ValueError as exc:
+            raise _HTTPError(400, str(exc)) from None
+        if other:
+            raise _HTTPError(501, "only Transfer-Encoding: chunked is supported")
+        if self.http11 and not any(n.lower() == b"host" for n, _ in self.headers):
+            raise _HTTPError(400, "HTTP/1.1 request without Host:")
+        self.skip, self.close = hop_by_hop(self.headers)
+        if not self.http11:
+            self.close = True  # no HTTP/1.0 keep-alive here
 
-class _Flush:
-    """Send what the client side has queued (coalesces head + small bodies)."""
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        self.out = bytearray()
-
-    async def __call__(self) -> None:
-        if self.out:
-            data = bytes(self.out)
-            self.out.clear()
-            await self.stream.send_all(data)
-
-
-@dataclass
-class _Exchange:
-    response_started: bool = False
-    response_done: bool = False
-    body_done: bool = False                          # forwarded whole to the upstream
-    client_error: BaseException | None = None      # client broke or sent a bad body
-    upstream_error: BaseException | None = None
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.length)
 
 
 class _ProxyConnection:
@@ -182,66 +292,73 @@ class _ProxyConnection:
         self.dialer = dialer
         self.idle_timeout = idle_timeout
         self.max_header_bytes = max_header_bytes
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
-        self.flush = _Flush(stream)
+        self.buf = bytearray()  # read from the client, not consumed yet
         self.upstream: _Upstream | None = None
-        self.request_read = False  # the client's EndOfMessage for this request was read
-
-    async def client_event(self) -> h11.Event:
-        while True:
-            event = self.conn.next_event()
-            if event is h11.NEED_DATA:
-                self.conn.receive_data(_as_bytes(await self.stream.receive_some(CHUNK)))
-            elif event is h11.PAUSED:  # pipelining before we finished: not supported
-                raise h11.RemoteProtocolError("pipelined request while a response is pending",
-                                              400)
-            else:
-                return event  # type: ignore[return-value]
+        self.answered = False  # the client has had (part of) a response to this request
+        self.body_read = False  # the whole request body has been read from the client
 
     async def run(self) -> None:
         try:
             while True:
-                event: h11.Event | None = None
+                head: bytes | None = None
+                self.answered = False
                 with trio.move_on_after(self.idle_timeout):
-                    event = await self.client_event()
-                if not isinstance(event, h11.Request):
+                    head = await self.read_request_head()
+                if head is None:
                     return  # idle timeout or the client closed
-                if _head_size(event) > self.max_header_bytes:
-                    # h11 bounds only heads still incomplete after a read; this bounds all.
-                    await self.send_error(431, "request header fields too large (limit "
-                                               f"{self.max_header_bytes} bytes)")
+                request = _Request(head)
+                if request.method == b"CONNECT":
+                    await self.connect_tunnel(request)
                     return
-                if event.method == b"CONNECT":
-                    await self.connect_tunnel(event)
+                if not await self.forward(request):
                     return
-                if not await self.forward(event):
-                    return
-                self.conn.start_next_cycle()
-        except h11.RemoteProtocolError as exc:
+        except _HTTPError as exc:
             log.info("HTTP proxy: bad request: %s", exc)
-            await self.send_error(exc.error_status_hint, f"bad request: {exc}")
+            await self.send_error(exc.status, f"bad request: {exc}")
         except _STREAM_ERRORS as exc:
             log.debug("HTTP proxy: client connection ended: %s", exc or type(exc).__name__)
         finally:
             await self.drop_upstream()
             await trio.aclose_forcefully(self.stream)
 
+    async def read_request_head(self) -> bytes | None:
+        """The next request head (without the blank line); None when the client closed."""
+        buf, limit = self.buf, self.max_header_bytes
+        scanned = 0
+        while True:
+            while buf and buf[0] in b"\r\n":
+                del buf[:1]  # empty lines before a request are ignored (RFC 9112 §2.2)
+            m = _HEAD_END.search(buf, max(0, scanned - 3))
+            if m is not None:
+                if m.start() > limit:
+                    break
+                head = bytes(buf[:m.start()])
+                del buf[:m.end()]
+                return head
+            if len(buf) > limit:
+                break
+            scanned = len(buf)
+            data = await self.stream.receive_some(CHUNK)
+            if not data:
+                if buf:
+                    raise _HTTPError(400, "the request head was cut short")
+                return None
+            buf += data
+        raise _HTTPError(431, f"request header fields too large (limit {limit} bytes)")
+
     async def send_error(self, status: int, message: str) -> None:
         """A short text/plain answer that closes the connection (if one can still be sent)."""
-        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        if self.answered:
             return
+        self.answered = True
         body = message.encode("utf-8", "replace") + b"\n"
         try:
-            self.flush.out += self.conn.send(h11.Response(
-                status_code=status, reason=_reason(status), headers=[
-                (b"content-type", b"text/plain; charset=utf-8"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ]))
-            self.flush.out += self.conn.send(h11.Data(data=body))
-            self.flush.out += self.conn.send(h11.EndOfMessage())
-            await self.flush()
-        except (h11.LocalProtocolError, *_STREAM_ERRORS) as exc:
+            with trio.move_on_after(5):
+                await self.stream.send_all(
+                    b"HTTP/1.1 %d %b\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                    b"content-length: %d\r\nconnection: close\r\n\r\n%b"
+                    % (status, _reason(status), len(body), body))
+        except _STREAM_ERRORS as exc:
             log.debug("HTTP proxy: could not send %d: %s", status, exc)
 
     async def drop_upstream(self) -> None:
@@ -257,17 +374,17 @@ class _ProxyConnection:
         self.upstream = _Upstream(key, await self.dialer.dial(host, port))
         return self.upstream
 
-    async def connect_tunnel(self, request: h11.Request) -> None:
+    async def connect_tunnel(self, request: _Request) -> None:
         try:
             host, port = parse_authority(request.target)
         except BadRequest as exc:
             await self.send_error(400, str(exc))
             return
-        with trio.move_on_after(self.idle_timeout) as slow:
-            while not isinstance(await self.client_event(), h11.EndOfMessage):
-                pass  # a CONNECT body is meaningless; skip it (bounded in time)
-        if slow.cancelled_caught:
-            return
+        if request.has_body:  # meaningless for CONNECT: skip it (bounded in time)
+            with trio.move_on_after(self.idle_timeout) as slow:
+                await self.skip_body(request)
+            if slow.cancelled_caught:
+                return
         try:
             upstream = await self.dialer.dial(host, port)
         except DialError as exc:
@@ -275,26 +392,36 @@ class _ProxyConnection:
             await self.send_error(502, str(exc))
             return
         await self.drop_upstream()
-        self.flush.out += self.conn.send(h11.Response(
-            status_code=200, headers=[], reason=b"Connection established"))
-        await self.flush()
-        early, _closed = self.conn.trailing_data
+        self.answered = True
+        try:
+            await self.stream.send_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        except _STREAM_ERRORS:
+            await trio.aclose_forcefully(upstream)
+            raise
         log.debug("HTTP proxy: CONNECT %s", format_host_port(host, port))
-        await splice(self.stream, upstream, a_to_b_first=bytes(early))
+        early = bytes(self.buf)
+        self.buf.clear()
+        await splice(self.stream, upstream, a_to_b_first=early)
 
-    async def forward(self, request: h11.Request) -> bool:
+    async def skip_body(self, request: _Request) -> None:
+        async def discard(data: bytes) -> None:
+            pass
+        await self.pump_request_body(request, discard)
+
+    async def forward(self, request: _Request) -> bool:
         """Proxy one request/response; True when the client connection may go on."""
         try:
             host, port, authority, path = parse_absolute_uri(request.target)
         except BadRequest as exc:
             await self.send_error(400, str(exc))
             return False
-        headers = [(b"host", authority.encode("ascii", "replace")),
-                   *end_to_end_headers(request.headers, drop=frozenset({b"host"}))]
-        outgoing = h11.Request(method=request.method, target=path, headers=headers)
-        self.request_read = False
-        has_body = _has_body(headers)
-        for _attempt in range(2):
+        skip = request.skip | {b"host"}
+        head = b"".join([request.method, b" ", path, b" HTTP/1.1\r\nHost: ",
+                         authority.encode("ascii", "replace"), b"\r\n",
+                         *[b"%b: %b\r\n" % (n, v) for n, v in request.headers
+                           if n.lower() not in skip], b"\r\n"])
+        is_head = request.method == b"HEAD"
+        for attempt in range(2):
             try:
                 upstream = await self.get_upstream(host, port)
             except DialError as exc:
@@ -303,129 +430,272 @@ class _ProxyConnection:
                 await self.send_error(502, str(exc))
                 return False
             reused, upstream.used = upstream.used, True
-            ex = await self.exchange(upstream, outgoing, has_body)
-            if (ex.upstream_error is not None and reused and not has_body
-                    and not ex.response_started and ex.client_error is None):
-                await self.drop_upstream()  # a kept-alive connection the server had closed
-                continue
-            break
-        if ex.client_error is not None:
-            if isinstance(ex.client_error, h11.RemoteProtocolError):
-                raise ex.client_error
-            return False
-        if ex.upstream_error is not None:
-            await self.drop_upstream()
-            if not ex.response_started:
-                await self.send_error(502, f"{format_host_port(host, port)} failed: "
-                                           f"{ex.upstream_error or 'connection closed'}")
-            return False
-        if not upstream.reusable():
-            await self.drop_upstream()
-        return ex.body_done and self.conn.our_state is h11.DONE \
-            and self.conn.their_state is h11.DONE
-
-    async def exchange(self, upstream: _Upstream, request: h11.Request,
-                       has_body: bool) -> _Exchange:
-        ex = _Exchange()
-        if not has_body:
-            # Fast path (most requests): no body pump task, head and end in one write.
-            if not self.request_read:
-                event = self.conn.next_event()
-                if not isinstance(event, h11.EndOfMessage):
-                    raise h11.RemoteProtocolError("request body without framing", 400)
-                self.request_read = True
             try:
-                await upstream.stream.send_all(
-                    upstream.conn.send(request) + upstream.conn.send(h11.EndOfMessage()))
-            except _STREAM_ERRORS as exc:
-                ex.upstream_error = exc
-                return ex
-            ex.body_done = True
-            await self.pump_response(upstream, ex)
-            return ex
-        try:
-            await upstream.stream.send_all(upstream.conn.send(request))
-        except _STREAM_ERRORS as exc:
-            ex.upstream_error = exc
-            return ex
-        body_finished = trio.Event()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.pump_request_body, upstream, ex, body_finished,
-                               nursery.cancel_scope)
-            await self.pump_response(upstream, ex)
-            if ex.response_done and self.request_read:
-                # The whole request was read: at most its last bytes are on their way up.
-                with trio.move_on_after(5):
-                    await body_finished.wait()
-            nursery.cancel_scope.cancel()
-        return ex
-
-    async def pump_request_body(self, upstream: _Upstream, ex: _Exchange,
-                                finished: trio.Event, scope: trio.CancelScope) -> None:
-        try:
-            while True:
-                event = (h11.EndOfMessage() if self.request_read
-                         else await self.client_event())
-                if isinstance(event, h11.Data):
-                    parts = upstream.conn.send_with_data_passthrough(h11.Data(data=event.data))
-                    data = b"".join(parts or ())
-                elif isinstance(event, h11.EndOfMessage):
-                    self.request_read = True
-                    data = upstream.conn.send(h11.EndOfMessage())
+                if request.has_body:
+                    client_ok, upstream_ok = await self.exchange_with_body(
+                        upstream, request, head, is_head)
                 else:
-                    raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}", 400)
-                if data:
                     try:
-                        await upstream.stream.send_all(data)
+                        await upstream.stream.send_all(head)
                     except _STREAM_ERRORS as exc:
-                        ex.upstream_error = exc  # the response pump reports it
-                        return
-                if isinstance(event, h11.EndOfMessage):
-                    ex.body_done = True
-                    return
-        except (h11.RemoteProtocolError, *_STREAM_ERRORS) as exc:
-            ex.client_error = exc
-            scope.cancel()
-        finally:
-            finished.set()
+                        raise _UpstreamFailed(str(exc) or "connection closed", started=False,
+                                              idle=True) from None
+                    client_ok, upstream_ok = await self.relay_response(
+                        upstream, is_head, request)
+            except _UpstreamFailed as exc:
+                await self.drop_upstream()
+                if exc.started:
+                    return False
+                if exc.idle and reused and attempt == 0 and not request.has_body:
+                    continue  # a kept-alive connection the server had closed: once more
+                await self.send_error(502, f"{format_host_port(host, port)} failed: {exc}")
+                return False
+            if not upstream_ok:
+                await self.drop_upstream()
+            return client_ok
+        return False  # not reached: the second attempt returns
 
-    async def pump_response(self, upstream: _Upstream, ex: _Exchange) -> None:
-        try:
+    async def pump_request_body(self, request: _Request,
+                                send: Callable[[bytes], Awaitable[None]]) -> None:
+        """Pass the request body to `send` as it arrives (raw, chunk framing kept); what
+        follows it stays in `self.buf` (a pipelined request)."""
+        buf = self.buf
+        self.body_read = False
+        if request.chunked:
+            scanner = ChunkedScanner()
             while True:
                 try:
-                    event = await upstream.next_event(self.flush)
-                except (h11.RemoteProtocolError, *_STREAM_ERRORS) as exc:
-                    ex.upstream_error = exc
+                    end = scanner.feed(buf)
+                except ValueError as exc:
+                    raise _HTTPError(400, f"bad chunked request body: {exc}") from None
+                if end >= 0:
+                    data = bytes(buf[:end])
+                    del buf[:end]
+                    self.body_read = True
+                    await send(data)
                     return
-                if isinstance(event, h11.InformationalResponse):
-                    if event.status_code != 101:
-                        self.flush.out += self.conn.send(h11.InformationalResponse(
-                            status_code=event.status_code, reason=event.reason,
-                            headers=end_to_end_headers(event.headers)))
-                elif isinstance(event, h11.Response):
-                    ex.response_started = True
-                    self.flush.out += self.conn.send(h11.Response(
-                        status_code=event.status_code, reason=event.reason,
-                        headers=end_to_end_headers(event.headers)))
-                elif isinstance(event, h11.Data):
-                    parts = self.conn.send_with_data_passthrough(h11.Data(data=event.data)) or []
-                    if len(event.data) < _COPY_LIMIT:
-                        for part in parts:
-                            self.flush.out += part
-                    else:  # bulk: written through, not copied into the buffer
-                        await self.flush()
-                        for part in parts:
-                            await self.stream.send_all(part)
-                elif isinstance(event, h11.EndOfMessage):
-                    self.flush.out += self.conn.send(h11.EndOfMessage())
-                    await self.flush()
-                    ex.response_done = True
-                    return
-                else:  # ConnectionClosed before a response
-                    ex.upstream_error = ConnectionError("closed without a response")
-                    return
-        except (h11.LocalProtocolError, *_STREAM_ERRORS) as exc:
-            ex.client_error = exc
+                if buf:
+                    data = bytes(buf)
+                    buf.clear()
+                    await send(data)
+                more = await self.stream.receive_some(CHUNK)
+                if not more:
+                    raise trio.BrokenResourceError("client closed in the request body")
+                buf += more
+        left = request.length or 0
+        while left:
+            if not buf:
+                more = await self.stream.receive_some(CHUNK)
+                if not more:
+                    raise trio.BrokenResourceError(f"client closed with {left} body bytes "
+                                                   "to go")
+                buf += more
+            take = min(left, len(buf))
+            data = bytes(buf[:take])
+            del buf[:take]
+            left -= take
+            self.body_read = not left
+            await send(data)
+        self.body_read = True
+
+    async def exchange_with_body(self, upstream: _Upstream, request: _Request, head: bytes,
+                                 is_head: bool) -> tuple[bool, bool]:
+        """Stream the body up while the response comes back (a server may answer early)."""
+        try:
+            await upstream.stream.send_all(head)
+        except _STREAM_ERRORS as exc:
+            raise _UpstreamFailed(str(exc) or "connection closed", started=False) from None
+        body_done = trio.Event()
+        up_error: list[BaseException] = []
+        client_error: list[BaseException] = []
+
+        async def send_up(data: bytes) -> None:
+            if not up_error:
+                try:
+                    await upstream.stream.send_all(data)
+                except _STREAM_ERRORS as exc:
+                    up_error.append(exc)  # the response side reports it (or has its answer)
+
+        async def body(scope: trio.CancelScope) -> None:
+            try:
+                await self.pump_request_body(request, send_up)
+            except (_HTTPError, *_STREAM_ERRORS) as exc:
+                client_error.append(exc)
+                scope.cancel()
+                return
+            body_done.set()
+
+        result = (False, False)
+        failed: _UpstreamFailed | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(body, nursery.cancel_scope)
+            try:
+                result = await self.relay_response(upstream, is_head, request)
+            except _UpstreamFailed as exc:  # raised below: not wrapped in a group
+                failed = exc
+            if failed is None and self.body_read and not body_done.is_set():
+                # The whole request was read: at most its last bytes are on their way up.
+                with trio.move_on_after(5):
+                    await body_done.wait()
+            nursery.cancel_scope.cancel()
+        if failed is not None and not client_error:
+            raise failed
+        if not body_done.is_set():
+            # The answer came before the whole body: the rest cannot be told apart from a
+            # next request, so this client connection ends after the answer.
+            result = (False, False)
+        if client_error:
+            error = client_error[0]
+            if isinstance(error, _HTTPError) and not self.answered:
+                raise error
+            return False, False
+        if up_error:
+            return result[0], False
+        return result
+
+    async def read_upstream_head(self, upstream: _Upstream) -> bytes:
+        buf = upstream.buf
+        scanned = 0
+        while True:
+            m = _HEAD_END.search(buf, max(0, scanned - 3))
+            if m is not None:
+                head = bytes(buf[:m.start()])
+                del buf[:m.end()]
+                return head
+            if len(buf) > UPSTREAM_MAX_HEADERS:
+                raise _UpstreamFailed(f"response head larger than {UPSTREAM_MAX_HEADERS} "
+                                      "bytes", started=self.answered)
+            scanned = len(buf)
+            try:
+                data = await upstream.stream.receive_some(CHUNK)
+            except _STREAM_ERRORS as exc:
+                raise _UpstreamFailed(str(exc) or "connection broken", started=self.answered,
+                                      idle=not buf) from None
+            if not data:
+                raise _UpstreamFailed("closed without a response", started=self.answered,
+                                      idle=not buf)
+            buf += data
+
+    async def relay_response(self, upstream: _Upstream, is_head: bool,
+                             request: _Request) -> tuple[bool, bool]:
+        """Pass one response on; (client connection may go on, upstream reusable)."""
+        while True:
+            head = await self.read_upstream_head(upstream)
+            lines = _LINE_END.split(head)
+            m = _STATUS_LINE.fullmatch(lines[0])
+            try:
+                if m is None:
+                    raise ValueError(f"bad status line {lines[0][:80]!r}")
+                headers = parse_headers(lines[1:])
+                chunked, length, other = body_framing(headers)
+            except ValueError as exc:
+                raise _UpstreamFailed(f"bad response: {exc}", started=self.answered) from None
+            status = int(m[2])
+            skip, up_close = hop_by_hop(headers)
+            if status >= 200:
+                break
+            if status != 101 and request.http11:  # 100 Continue and friends
+                self.answered = True
+                await self.stream.send_all(b"".join([
+                    b"HTTP/1.1 ", m[2], b" ", m[3] or b"", b"\r\n",
+                    *[b"%b: %b\r\n" % (n, v) for n, v in headers if n.lower() not in skip],
+                    b"\r\n"]))
+        up_keep = m[1] != b"0" and not up_close
+        keep = not request.close
+        out = [b"HTTP/1.1 ", m[2], b" ", m[3] or b"", b"\r\n"]
+        if request.http11:
+            # Raw framing passes through; a body up to EOF is re-chunked.
+            until_eof = not (is_head or status in (204, 304) or chunked
+                             or length is not None)
+            if until_eof and other:
+                keep = False  # a coding we cannot re-chunk: pass it and close
+            mode = "none" if is_head or status in (204, 304) else (
+                "chunked" if chunked else "length" if length is not None
+                else "rechunk" if keep else "eof")
+        else:
+            mode = "none" if is_head or status in (204, 304) else (
+                "dechunk" if chunked else "length" if length is not None else "eof")
+            if mode == "dechunk":
+                skip = skip | {b"transfer-encoding"}
+        out += [b"%b: %b\r\n" % (n, v) for n, v in headers if n.lower() not in skip]
+        if mode == "rechunk":
+            out.append(b"Transfer-Encoding: chunked\r\n")
+        if not keep:
+            out.append(b"Connection: close\r\n")
+        out.append(b"\r\n")
+        self.answered = True
+        up_ok = await self.relay_body(upstream, mode, length or 0, b"".join(out))
+        return keep, up_keep and up_ok
+
+    async def relay_body(self, upstream: _Upstream, mode: str, length: int,
+                         head: bytes) -> bool:
+        """Send `head` and the body; True when the upstream ended the message cleanly
+        with nothing extra (it may be reused)."""
+        buf, send = upstream.buf, self.stream.send_all
+        receive = upstream.stream.receive_some
+
+        async def more() -> bytes | bytearray:
+            try:
+                return await receive(CHUNK)
+            except _STREAM_ERRORS as exc:
+                raise _UpstreamFailed(str(exc) or "connection broken", started=True) from None
+
+        if mode == "none":
+            await send(head)
+            return not buf
+        if mode == "length":
+            take = min(length, len(buf))
+            await send(head + buf[:take] if take else head)
+            del buf[:take]
+            left = length - take
+            while left:
+                data = await more()
+                if not data:
+                    raise _UpstreamFailed(f"closed with {left} body bytes to go", started=True)
+                if len(data) > left:
+                    buf += data[left:]
+                    data = data[:left]
+                left -= len(data)
+                await send(data)
+            return not buf
+        if mode in ("chunked", "dechunk"):
+            scanner = ChunkedScanner()
+            pieces: list[bytes] | None = [] if mode == "dechunk" else None
+            first = head
+            while True:
+                try:
+                    end = scanner.feed(buf, decode=pieces)
+                except ValueError as exc:
+                    raise _UpstreamFailed(f"bad chunked body: {exc}", started=True) from None
+                upto = len(buf) if end < 0 else end
+                if pieces is not None:
+                    data = b"".join(pieces)
+                    pieces.clear()
+                else:
+                    data = bytes(buf[:upto])
+                del buf[:upto]
+                if first or data:
+                    await send(first + data if first else data)
+                    first = b""
+                if end >= 0:
+                    return not buf
+                data = await more()
+                if not data:
+                    raise _UpstreamFailed("closed in a chunked body", started=True)
+                buf += data
+        # until EOF: as it is ("eof"), or each piece as a chunk ("rechunk")
+        rechunk = mode == "rechunk"
+        data = bytes(buf)
+        buf.clear()
+        await send(head + (_chunk(data) if rechunk and data else data))
+        while True:
+            data = await more()
+            if not data:
+                break
+            await send(_chunk(data) if rechunk else data)
+        if rechunk:
+            await send(b"0\r\n\r\n")
+        return False
 
 
 async def handle_http_proxy_connection(stream: trio.abc.Stream, dialer: Dialer, *,
@@ -455,7 +725,7 @@ async def serve_http_proxy(listener: trio.abc.Listener[trio.abc.Stream], dialer:
 
 
 async def start_http_proxy(args: ConfigureArgs, stack: Any, link: Any,
-                       nursery: trio.Nursery) -> None:
+                           nursery: trio.Nursery) -> None:
     """Data-plane hook: listen on `http.listen` (an OS address) and serve there; the
     destinations are dialled by the data plane's shared `Dialer`."""
     if not args.http_listen:

@@ -123,6 +123,7 @@ class TCPConfig:
     challenge_ack_limit: int = 10  # per second, RFC 5961 §7
     persist_max: float = 60.0  # cap for the zero-window probe interval
     fin_wait_2_timeout: float = 60.0  # after close(), if the peer never sends its FIN
+    tail_loss_probe: bool = True  # RFC 8985 §7
 
     def __post_init__(self) -> None:
         if not 64 <= self.mss <= DEFAULT_MSS:
@@ -167,6 +168,7 @@ class TCPConnection:
         "_pass_mark",
         "_persist_backoff",
         "_persist_deadline",
+        "_pto_deadline",
         "_pushed",
         "_rbuf",
         "_rcv_adv",
@@ -271,6 +273,7 @@ class TCPConnection:
         self._persist_backoff = 0
         self._delack_deadline: float | None = None
         self._tw_deadline: float | None = None
+        self._pto_deadline: float | None = None
         self._ack_now = False
         self._segs_unacked = 0
         self._pushed = False
@@ -490,7 +493,12 @@ class TCPConnection:
     def get_timer(self) -> float | None:
         """Earliest deadline (RTO, persist, delayed ACK, TIME-WAIT or FIN-WAIT-2), or None."""
         best = self._rto_deadline
-        for t in (self._persist_deadline, self._delack_deadline, self._tw_deadline):
+        for t in (
+            self._persist_deadline,
+            self._delack_deadline,
+            self._tw_deadline,
+            self._pto_deadline,
+        ):
             if t is not None and (best is None or t < best):
                 best = t
         return best
@@ -511,9 +519,14 @@ class TCPConnection:
         t = self._rto_deadline
         if t is not None and t <= now:
             self._rto_deadline = None
+            self._pto_deadline = None
             self._on_rto(now)
             if self.state is CLOSED:
                 return
+        t = self._pto_deadline
+        if t is not None and t <= now:
+            self._pto_deadline = None
+            self._on_pto(now)
         t = self._persist_deadline
         if t is not None and t <= now:
             self._persist_deadline = None
@@ -711,6 +724,8 @@ class TCPConnection:
                     end = (end + 1) & MASK
             out.append(self._make(nxt, flags, payload, now))
             self._advance_snd_nxt(end, now)
+        if self.snd_una != self.snd_max:
+            self._arm_pto(now)
 
     def _advance_snd_nxt(self, end: int, now: float) -> None:
         """Bookkeeping after transmitting up to `end`: SND.MAX, RTT timing, RTO timer."""
@@ -772,6 +787,54 @@ class TCPConnection:
             self._rtt_seq = None  # Karn: nothing in flight now is a clean sample
             if self._rto_deadline is None:
                 self._rto_deadline = now + self._rto.rto
+
+    def _arm_pto(self, now: float) -> None:
+        """Tail loss probe timer (RFC 8985 §7.2), when nothing new is left to send.
+
+        Without it a lost last segment (no later data, so no duplicate ACKs) waits for
+        the RTO; two smoothed RTTs later, the probe retransmits it instead.
+        """
+        srtt = self._rto.srtt
+        una = self.snd_una
+        nxt = self.snd_nxt
+        flight = _sdiff(self.snd_max, una)
+        data_end = (self._sbuf_start + len(self._sbuf)) & MASK
+        if (
+            srtt is None
+            or flight <= 0
+            or nxt != self.snd_max
+            or _sdiff(data_end, nxt) > 0
+            or self._retries  # after a timeout we are in loss recovery (§7.2)
+            or not self.config.tail_loss_probe
+        ):
+            self._pto_deadline = None
+            return
+        pto = 2 * srtt
+        if flight <= self._smss:
+            pto += self.config.delayed_ack  # a lone segment's ACK may be delayed
+        deadline = now + max(pto, 0.01)
+        rto = self._rto_deadline
+        self._pto_deadline = deadline if rto is None or deadline < rto else None
+
+    def _on_pto(self, now: float) -> None:
+        """Send the tail loss probe: the last segment again (RFC 8985 §7.3)."""
+        if self.state not in SENDING or self.snd_una == self.snd_max:
+            return
+        base = self._sbuf_start
+        data_end = (base + len(self._sbuf)) & MASK
+        n = min(max(_sdiff(data_end, self.snd_una), 0), self._max_payload())
+        start = (data_end - n) & MASK
+        flags = ACK
+        if self._fin_queued and _sdiff(self.snd_max, self._fin_seq) > 0:
+            flags |= FIN
+        elif n == 0:
+            return
+        off = (start - base) & MASK
+        with memoryview(self._sbuf) as mv:
+            payload = mv[off : off + n].tobytes()
+        self._out.append(self._make(start, flags, payload, now))
+        self._rtt_seq = None  # Karn
+        self._rto_deadline = now + self._rto.rto
 
     def _arm_persist(self, now: float) -> None:
         """Zero-window probing (RFC 9293 §3.8.6.1) when nothing is in flight."""
@@ -999,7 +1062,9 @@ class TCPConnection:
         off = ((seq - rcv_nxt + HALF) & MASK) - HALF
         seglen = plen + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
         if off != 0:
-            ok = 0 <= off < wnd if seglen == 0 else off + seglen > 0 and off < wnd
+            # A zero-length segment may sit at the right edge: a sender that filled
+            # our window sends its ACKs from there (Linux accepts it too).
+            ok = 0 <= off <= wnd if seglen == 0 else off + seglen > 0 and off < wnd
             if not ok:
                 if flags & RST:
                     return
@@ -1008,12 +1073,19 @@ class TCPConnection:
                 if flags & SYN and st in SYNCHRONIZED:
                     self._challenge_ack(now)
                     return
-                self._ack_now = True
                 if off + seglen <= 0 and flags & ACK and st in SYNCHRONIZED:
                     # Entirely old (a retransmission, or an ACK sent from a SND.NXT that
                     # went back after a timeout): drop the text but keep the ACK, as BSD
                     # does; otherwise two such senders never hear each other's ACKs.
                     self._process_ack(seg, now)
+                    if self.state is CLOSED:
+                        return
+                if seglen:
+                    self._ack_now = True
+                else:
+                    # Answer an out-of-window pure ACK or window probe, rate-limited like
+                    # a challenge ACK, so two confused ends cannot ACK each other forever.
+                    self._challenge_ack(now)
                 return
         tsv = seg.ts_val
         if (
@@ -1161,8 +1233,10 @@ class TCPConnection:
         self._retries = 0
         if ack == self.snd_max:
             self._rto_deadline = None  # RFC 6298 §5.2
+            self._pto_deadline = None
         else:
             self._rto_deadline = now + self._rto.rto  # §5.3
+            self._arm_pto(now)
         flight = ((self.snd_max - ack + HALF) & MASK) - HALF
         self._ltx = 0
         partial = self._cc.on_new_ack(ack, acked, flight)
@@ -1280,6 +1354,7 @@ class TCPConnection:
     def _enter_time_wait(self, now: float) -> None:
         """RFC 9293 §3.10.7.4: cancel other timers, hold the 4-tuple for a while."""
         self._rto_deadline = None
+        self._pto_deadline = None
         self._persist_deadline = None
         self._rexmit_budget = 0
         self._tw_deadline = now + self.config.time_wait
@@ -1346,6 +1421,7 @@ class TCPConnection:
         self._persist_deadline = None
         self._delack_deadline = None
         self._tw_deadline = None
+        self._pto_deadline = None
         self._syn_needed = False
         self._ack_now = False
         self._rexmit_budget = 0
