@@ -122,13 +122,28 @@ class Network:
     socks_port: int
     workdir: Path
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    agent_a: int = 0  # pid
+    network: list[int] = field(default_factory=list)  # manager and agents: pids
+
+    def cpu(self) -> tuple[float, float]:
+        """CPU seconds so far of (agent A, manager + both agents)."""
+        tick = os.sysconf("SC_CLK_TCK")
+
+        def of(pid: int) -> float:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                return 0.0
+            return (int(fields[11]) + int(fields[12])) / tick
+
+        return of(self.agent_a), sum(of(pid) for pid in self.network)
 
     def manifest(self, origin_port: int, profile: str | None) -> str:
         # Random VIPs and ports: other test runs on this machine use 127.0.42.x too.
-        a_cmd = ""
-        if profile:
-            a_cmd = (f"    cmd: [{sys.executable!r}, '-m', 'cProfile', '-o', {profile!r}, "
-                     "'-m', 'norouter_trio']\n")
+        # A runs like the local host would (same argv), with a marker to find its pid.
+        prof = f"'-m', 'cProfile', '-o', {profile!r}, " if profile else ""
+        a_cmd = (f"    cmd: [{sys.executable!r}, '-X', 'norouter_bench_a', {prof}"
+                 "'-m', 'norouter_trio']\n")
         return (
             "hosts:\n"
             "  a:\n"
@@ -180,6 +195,10 @@ def start_network(profile: str | None) -> Network:
                        % port)
             fetch_once(lambda: _socks5_open("127.0.0.1", net.socks_port, "b", port),
                        b"GET /1 HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+            net.network = [manager.pid, *_children(manager.pid)]
+            for pid in net.network:
+                if b"norouter_bench_a" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    net.agent_a = pid
             return net
         except (OSError, RuntimeError) as exc:
             if manager.poll() is not None or time.monotonic() > deadline:
@@ -188,6 +207,19 @@ def start_network(profile: str | None) -> Network:
                 raise SystemExit(f"the virtual network did not come up ({exc}); manager "
                                  f"log:\n{text[-3000:]}") from None
             time.sleep(0.2)
+
+
+def _children(ppid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == ppid:
+                out.append(int(entry.name))
+    return out
 
 
 def stop_network(net: Network) -> None:
@@ -316,6 +348,8 @@ class Result:
     p99: float
     mbs: float
     cut: int
+    cpu_a: float  # agent A's CPU per request, microseconds
+    cpu_all: float  # manager + agents
 
 
 def _one_request(path: Path_) -> float:
@@ -328,8 +362,10 @@ def _one_request(path: Path_) -> float:
     return time.perf_counter() - t0
 
 
-def measure(path: Path_, requests: int, bulk: int, keepalive: bool) -> Result:
+def measure(net: Network, path: Path_, requests: int, bulk: int,
+            keepalive: bool) -> Result:
     latencies: list[float] = []
+    cpu0 = net.cpu()
     cut = 0
     if keepalive:
         sock, buf = path.open()
@@ -351,6 +387,7 @@ def measure(path: Path_, requests: int, bulk: int, keepalive: bool) -> Result:
                 sock.close()
                 sock, buf = path.open()
     elapsed = time.perf_counter() - start
+    cpu1 = net.cpu()
     if keepalive:
         sock.close()
     mbs = float("nan")
@@ -371,34 +408,40 @@ def measure(path: Path_, requests: int, bulk: int, keepalive: bool) -> Result:
     return Result(rate=len(latencies) / elapsed,
                   p50=statistics.median(latencies) * 1e3,
                   p99=latencies[max(0, int(len(latencies) * 0.99) - 1)] * 1e3,
-                  mbs=mbs, cut=cut)
+                  mbs=mbs, cut=cut, cpu_a=(cpu1[0] - cpu0[0]) / requests * 1e6,
+                  cpu_all=(cpu1[1] - cpu0[1]) / requests * 1e6)
 
 
-def run_table(paths: list[Path_], requests: int, bulk: int, rounds: int,
+def run_table(net: Network, paths: list[Path_], requests: int, bulk: int, rounds: int,
               keepalive: bool) -> None:
     runs: dict[str, list[Result]] = {p.name: [] for p in paths}
     for p in paths:  # warm-up: first connections, imports, caches
         for _ in range(20):
             with contextlib.suppress(CutShort, OSError):
-                measure(p, 1, 0, keepalive)
+                measure(net, p, 1, 0, keepalive)
     for _ in range(rounds):
         for p in paths:
-            runs[p.name].append(measure(p, requests, bulk, keepalive))
+            runs[p.name].append(measure(net, p, requests, bulk, keepalive))
     med = {name: Result(rate=statistics.median(r.rate for r in rs),
                         p50=statistics.median(r.p50 for r in rs),
                         p99=statistics.median(r.p99 for r in rs),
                         mbs=statistics.median(r.mbs for r in rs),
-                        cut=sum(r.cut for r in rs)) for name, rs in runs.items()}
+                        cut=sum(r.cut for r in rs),
+                        cpu_a=statistics.median(r.cpu_a for r in rs),
+                        cpu_all=statistics.median(r.cpu_all for r in rs))
+           for name, rs in runs.items()}
     base = med.get("loopback") or next(iter(med.values()))
     how = "one keep-alive connection" if keepalive else "a new connection per request"
     print(f"\n{requests} sequential 1-byte GETs, {how}; one {bulk >> 20} MiB download; "
           f"median of {rounds} round(s); cut short counted over all "
           f"{rounds * (requests + 1)} responses per path")
+    print("(CPU: microseconds per request of agent A alone / of manager + both agents)")
     print(f"{'path':<12}{'req/s':>8}{'vs loop':>9}{'p50 ms':>9}{'p99 ms':>9}"
-          f"{'MB/s':>8}{'vs loop':>9}{'cut short':>11}")
+          f"{'MB/s':>8}{'vs loop':>9}{'cut':>5}{'CPU A':>8}{'CPU all':>9}")
     for name, r in med.items():
         print(f"{name:<12}{r.rate:>8.0f}{r.rate / base.rate - 1:>+9.0%}{r.p50:>9.2f}"
-              f"{r.p99:>9.2f}{r.mbs:>8.0f}{r.mbs / base.mbs - 1:>+9.0%}{r.cut:>11d}")
+              f"{r.p99:>9.2f}{r.mbs:>8.0f}{r.mbs / base.mbs - 1:>+9.0%}{r.cut:>5d}"
+              f"{r.cpu_a:>8.0f}{r.cpu_all:>9.0f}")
 
 
 def main() -> None:
@@ -430,9 +473,9 @@ def main() -> None:
         wanted = [w.strip().lower() for w in opts.paths.split(",")]
         paths = [p for p in make_paths(net)
                  if p.name.split()[0].lower() in wanted]
-        run_table(paths, requests, bulk, rounds, keepalive=False)
+        run_table(net, paths, requests, bulk, rounds, keepalive=False)
         if opts.keepalive:
-            run_table(paths, requests, bulk, rounds, keepalive=True)
+            run_table(net, paths, requests, bulk, rounds, keepalive=True)
     finally:
         stop_network(net)
     if profile:

@@ -23,6 +23,7 @@ import contextlib
 import functools
 import hashlib
 import importlib.metadata as md
+import importlib.util
 import io
 import json
 import logging
@@ -302,9 +303,9 @@ def _own_files(plan: _Plan) -> None:
 
 def _dist_files(plan: _Plan, dist: md.Distribution, label: str) -> None:
     files = dist.files
-    if files is None:
-        raise ZipappError(f"{label}: its installation lists no files (no RECORD); reinstall "
-                          "it with pip")
+    if files is None:  # e.g. a distro package without RECORD: walk its top-level packages
+        _dist_files_by_walking(plan, dist, label)
+        return
     left_out: list[str] = []
     for f in sorted(files, key=lambda p: p.as_posix()):
         parts = f.parts
@@ -333,6 +334,25 @@ def _dist_files(plan: _Plan, dist: md.Distribution, label: str) -> None:
     if left_out:
         plan.notes.append(f"{label}: left out compiled {', '.join(left_out)} (its pure-Python "
                           "fallback is used)")
+
+
+def _dist_files_by_walking(plan: _Plan, dist: md.Distribution, label: str) -> None:
+    tops = (dist.read_text("top_level.txt") or "").split()
+    if not tops:
+        raise ZipappError(f"{label}: its installation lists no files (no RECORD, no "
+                          "top_level.txt); reinstall it with pip")
+    for top in sorted(tops):
+        spec = importlib.util.find_spec(top)
+        origin = spec.origin if spec is not None else None
+        if spec is None or origin is None or not origin.endswith(".py"):
+            plan.notes.append(f"{label}: left out {top} (not a pure-Python module)")
+            continue
+        if spec.submodule_search_locations:
+            for name, path in _package_files(Path(origin).parent, top):
+                if not path.name.endswith(_EXT_SUFFIXES):
+                    plan.add(name, path.read_bytes(), label)
+        else:
+            plan.add(f"{top}.py", Path(origin).read_bytes(), label)
 
 
 def _roots(profile: str) -> list[str]:

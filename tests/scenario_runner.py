@@ -12,6 +12,8 @@ A scenario file (YAML) has these keys; strings anywhere may use the placeholders
     namespaces:                  # one network namespace per host
       NAME:
         files: {REL_PATH: TEXT}  # written under {dir.NAME}
+        etc: {FILE: TEXT}        # written to /etc/netns/NS/FILE: `ip netns exec` mounts it
+                                 # over /etc/FILE (hosts, resolv.conf); removed at the end
         addresses: [CIDR, ...]   # extra addresses on lo
         services:                # started before the manager, stopped at the end
           - {name: web, cmd: "...", ready: "IP:PORT"}
@@ -50,6 +52,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 RUNNER = Path(__file__).resolve()
 NS_PREFIX = "nrs"
+ETC_NETNS = Path("/etc/netns")  # netns._delete removes /etc/netns/NS with the namespace
 
 STEP_DOCS = """
 steps (each a mapping; `ns: NAME` picks the namespace, default the manager's):
@@ -426,6 +429,14 @@ class Scenario:
                 f = d / rel
                 f.parent.mkdir(parents=True, exist_ok=True)
                 f.write_text(self.subst(str(text), name))
+            if conf.get("etc"):
+                etc = ETC_NETNS / self.ns[name].name
+                etc.mkdir(parents=True, exist_ok=True)
+                for fname, text in conf["etc"].items():
+                    if "/" in fname or fname in ("", ".", ".."):
+                        raise ScenarioError(f"namespaces.{name}.etc: {fname!r} is not a "
+                                            "file name in /etc")
+                    (etc / fname).write_text(self.subst(str(text), name))
             for cidr in conf.get("addresses") or []:
                 self.ns[name].run(["ip", "addr", "add", cidr, "dev", "lo"])
         for link in self.spec.get("links") or []:

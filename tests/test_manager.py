@@ -8,6 +8,7 @@ observers: the tests see the switch's decisions end to end.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -268,6 +269,138 @@ async def test_a_slow_agent_slows_its_sender_instead_of_losing(
         await rec.recv("b", A, B, "last")
         assert len(rec.received("flood")) == 200
         assert manager.host("b").drops == {}
+
+
+# -- large frames (spliced pipe to pipe) and small ones, in order, intact ------------------
+
+#: A peer that checks what the switch delivers: ``send PLAN`` answers the configure request
+#: and writes the planned frames (per destination numbered 0, 1, 2 ...) in odd-sized writes;
+#: ``recv STALL`` answers, reads nothing for STALL seconds, then parses every frame, checks
+#: its IPv4 length and that each sender's numbers go up by one (``skip`` after a drop), and
+#: after 1.5 s without data prints ``got N gaps G bad B``.
+PEER = r"""
+import json, os, select, socket, struct, sys, time
+HDR = struct.Struct(">IHH")
+def frame(t, p):
+    return HDR.pack((0x42 << 24) | (len(p) + 4), t, 0) + p
+def write(data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(1, view):]
+buf = b""
+while True:  # the configure request
+    buf += os.read(0, 1 << 16)
+    if len(buf) >= 8 and len(buf) >= 4 + (HDR.unpack_from(buf)[0] & 0xFFFFFF):
+        break
+end = 4 + (HDR.unpack_from(buf)[0] & 0xFFFFFF)
+req = json.loads(buf[8:end])
+buf = buf[end:]
+me = req["body"]["args"]["me"]
+write(frame(2, json.dumps({"type": "result", "body": {
+    "request_id": req["body"]["id"], "op": "configure",
+    "data": {"features": ["tcp", "dns"], "version": sys.argv[3]}}}).encode()))
+if sys.argv[1] == "send":
+    seq = {}
+    out = []
+    for dst, size, n in json.loads(sys.argv[2]):
+        for _ in range(n):
+            k = seq[dst] = seq.get(dst, -1) + 1
+            body = struct.pack(">I", k) + bytes(size - 24)
+            out.append(frame(1, struct.pack(">BBHHHBBH4s4s", 0x45, 0, size & 0xFFFF, 0, 0, 64,
+                                          253, 0, socket.inet_aton(me), socket.inet_aton(dst))
+                             + body))
+    data = b"".join(out)
+    step = 0
+    while data:
+        step = step % 7 + 1
+        n = 37 * step ** 5  # 37 bytes .. 600 KB: frames cut anywhere
+        write(data[:n])
+        data = data[n:]
+    sys.stderr.write("sent\n")
+    time.sleep(3600)
+time.sleep(float(sys.argv[2]))
+got = gaps = bad = 0
+last = {}
+while True:
+    while len(buf) >= 8:
+        word, ftype, _ = HDR.unpack_from(buf)
+        if word >> 24 != 0x42:
+            sys.stderr.write("got %d gaps %d bad stream\n" % (got, gaps))
+            sys.exit(3)
+        end = 4 + (word & 0xFFFFFF)
+        if len(buf) < end:
+            break
+        pkt, buf = buf[8:end], buf[end:]
+        if ftype != 1:
+            continue
+        src = pkt[12:16]
+        k = struct.unpack(">I", pkt[20:24])[0]
+        if struct.unpack(">H", pkt[2:4])[0] != len(pkt) & 0xFFFF or k <= last.get(src, -1):
+            bad += 1
+        gaps += k != last.get(src, -1) + 1
+        last[src] = k
+        got += 1
+    if not select.select([0], [], [], 1.5)[0]:
+        break
+    data = os.read(0, 1 << 20)
+    if not data:
+        break
+    buf += data
+sys.stderr.write("got %d gaps %d bad %d\n" % (got, gaps, bad))
+time.sleep(3600)
+"""
+
+
+async def run_peers(tmp_path: Path, plan: list[tuple[str, int, int]], stall: float,
+                    queue_bytes: int) -> tuple[Manager, dict[str, tuple[int, int, int]]]:
+    """A sends ``plan`` to B and C (which stall first); their ``got`` lines by name."""
+    from norouter_trio import __version__
+
+    script = tmp_path / "peer.py"
+    script.write_text(PEER)
+
+    def cmd(*args: str) -> str:  # a YAML flow sequence (JSON is one)
+        return json.dumps([sys.executable, str(script), *args, __version__])
+
+    text = f"""
+hosts:
+  a: {{vip: {A}, cmd: {cmd("send", json.dumps(plan))}}}
+  b: {{vip: {B}, cmd: {cmd("recv", str(stall))}}}
+  c: {{vip: {C}, cmd: {cmd("recv", str(stall))}}}
+"""
+    rec = Recorder()
+    got: dict[str, tuple[int, int, int]] = {}
+    async with running(text, rec, queue_bytes=queue_bytes) as (manager, _ctl):
+        for name in ("b", "c"):
+            ev = await rec.wait_for(lambda e, n=name: e[:2] == ("stderr", n)  # type: ignore[misc]
+                                    and e[2].startswith("got "))
+            words = ev[2].split()
+            got[name] = (int(words[1]), int(words[3]), int(words[5]))
+    return manager, got
+
+
+@pytest.mark.parametrize(("stall", "queue_bytes"), [(0.0, 8 << 20), (0.8, 8 << 20),
+                                                    (0.8, 1 << 20)],
+                         ids=["fast", "late-reader", "late-reader-small-queue"])
+async def test_large_and_small_frames_arrive_whole_and_in_order(
+        tmp_path: Path, stall: float, queue_bytes: int) -> None:
+    """Runs of 64 KiB frames are spliced, the rest copied; a destination that reads late
+    makes a splice wait for room (and hand the rest of its frame to the queue)."""
+    plan = [(B, 65535, 30), (C, 1500, 40), (B, 65535, 3), (C, 65535, 20), (B, 100, 5),
+            (B, 40000, 10), (B, 65535, 40)]
+    manager, got = await run_peers(tmp_path, plan, stall, queue_bytes)
+    a, b, c = manager.host("a"), manager.host("b"), manager.host("c")
+    sent = {B: sum(n for d, _, n in plan if d == B), C: sum(n for d, _, n in plan if d == C)}
+    assert a.frames_in == sum(sent.values()) + 1  # and the configure result
+    for h, vip in ((b, B), (c, C)):
+        n, gaps, bad = got[h.name]
+        assert bad == 0
+        assert n == h.frames_out  # every frame written reached the agent whole
+        assert n + h.drops.get("queue_full", 0) == sent[vip]
+        if queue_bytes == 8 << 20:  # all of it fits in the queue: nothing is lost
+            assert (n, gaps) == (sent[vip], 0), h.drops
+    if queue_bytes == 1 << 20:
+        assert b.drops.get("queue_full", 0) > 0 and got["b"][1] > 0
 
 
 async def test_refusals_and_warnings(fifos: Callable[[str], str]) -> None:
