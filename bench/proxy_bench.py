@@ -432,7 +432,8 @@ def run_table(net: Network, paths: list[Path_], requests: int, bulk: int, rounds
            for name, rs in runs.items()}
     base = med.get("loopback") or next(iter(med.values()))
     how = "one keep-alive connection" if keepalive else "a new connection per request"
-    print(f"\n{requests} sequential 1-byte GETs, {how}; one {bulk >> 20} MiB download; "
+    print(f"\n{requests} sequential 1-byte GETs, {how}; "
+          f"{f'one {bulk >> 20} MiB download; ' if bulk else ''}"
           f"median of {rounds} round(s); cut short counted over all "
           f"{rounds * (requests + 1)} responses per path")
     print("(CPU: microseconds per request of agent A alone / of manager + both agents)")
@@ -453,6 +454,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="median of rounds (default 3)")
     ap.add_argument("--keepalive", action="store_true",
                     help="also measure with one keep-alive connection per path")
+    ap.add_argument("--only-keepalive", action="store_true",
+                    help="measure only with one keep-alive connection per path")
     ap.add_argument("--paths", default="loopback,http,connect,socks5",
                     help="comma-separated subset (e.g. to profile one path)")
     ap.add_argument("--profile", metavar="FILE", help="run agent A under cProfile into FILE")
@@ -473,8 +476,9 @@ def main() -> None:
         wanted = [w.strip().lower() for w in opts.paths.split(",")]
         paths = [p for p in make_paths(net)
                  if p.name.split()[0].lower() in wanted]
-        run_table(net, paths, requests, bulk, rounds, keepalive=False)
-        if opts.keepalive:
+        if not opts.only_keepalive:
+            run_table(net, paths, requests, bulk, rounds, keepalive=False)
+        if opts.keepalive or opts.only_keepalive:
             run_table(net, paths, requests, bulk, rounds, keepalive=True)
     finally:
         stop_network(net)

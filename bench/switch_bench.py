@@ -1,6 +1,6 @@
 """Switch throughput: the manager between two fake agents, against a raw pipe.
 
-    python bench/switch_bench.py [--scale 1.0]
+    python bench/switch_bench.py [--scale 1.0] [--repeat 3]
 
 Agent A (tests/fake_agent.py --pump) writes L3 frames to B's VIP as fast as it can; agent B
 (--sink) only counts bytes.  "pipe" connects A's stdout straight to B's stdin (the physical
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -30,7 +31,7 @@ from norouter_trio.manifest import load_manifest  # noqa: E402
 
 FAKE = str(ROOT / "tests" / "fake_agent.py")
 SINK_RE = re.compile(r"sink (\d+) (\d+) ([0-9.]+)")
-CASES = [("64 KiB", 65535, 10000), ("1500 B", 1500, 400000)]
+CASES = [("64 KiB", 65535, 20000), ("1500 B", 1500, 400000)]
 
 
 def raw_pipe(size: int, count: int) -> tuple[int, float]:
@@ -92,33 +93,46 @@ hosts:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scale", type=float, default=1.0, help="multiply the frame counts")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="runs per case and path (pipe and manager alternate); best and "
+                        "median are shown")
     args = p.parse_args()
     import logging
     logging.basicConfig(level=logging.WARNING)
     print(f"switch_bench: {os.cpu_count()} CPUs, load average "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (shared machine: figures are noisy)")
-    print(f"{'frames':>8} {'path':>8} {'delivered':>10} {'MB/s':>9} {'frames/s':>10} "
-          f"{'ratio':>6} {'mgr CPU':>8} {'MB/CPU-s':>9}  drops")
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (shared machine: figures are "
+          f"noisy), {args.repeat} runs each")
+    print(f"{'frames':>8} {'path':>8} {'MB/s best':>10} {'median':>8} {'frames/s best':>14} "
+          f"{'median':>8} {'ratio':>6} {'MB/CPU-s':>9}  drops")
     for label, size, count in CASES:
         n = int(count * args.scale)
-        frames_raw, secs_raw = raw_pipe(size, n)
-        cpu0 = time.process_time()
-        frames_mgr, secs_mgr, drops, bytes_in = trio.run(through_manager, size, n)
-        cpu = time.process_time() - cpu0
-        rate_raw = frames_raw / secs_raw if secs_raw else 0.0
-        rate_mgr = frames_mgr / secs_mgr if secs_mgr else 0.0
-        for path, fr, rate in (("pipe", frames_raw, rate_raw), ("manager", frames_mgr, rate_mgr)):
-            ratio = f"{rate / rate_raw:6.2f}" if rate_raw else "     -"
-            if path == "manager":
-                extra = (f"{cpu:8.2f} {bytes_in / cpu / 1e6:9.0f}  "
-                         + (" ".join(f"{k}={v}" for k, v in drops.items()) or "0"))
-            else:
-                extra = f"{'':8} {'':9}"
-            print(f"{label:>8} {path:>8} {fr:>10} {rate * size / 1e6:>9.1f} {rate:>10.0f} "
-                  f"{ratio} {extra}")
-    print("MB/s and frames/s: delivered to the sink, first to last byte.  mgr CPU: the "
-          "manager's CPU seconds for the run (start-up included); MB/CPU-s: bytes it read "
-          "per CPU second, what one free core would carry.")
+        raw: list[float] = []
+        mgr: list[float] = []
+        per_cpu: list[float] = []
+        drops_total: dict[str, int] = {}
+        for _ in range(args.repeat):
+            frames_raw, secs_raw = raw_pipe(size, n)
+            raw.append(frames_raw / secs_raw if secs_raw else 0.0)
+            cpu0 = time.process_time()
+            frames_mgr, secs_mgr, drops, bytes_in = trio.run(through_manager, size, n)
+            cpu = time.process_time() - cpu0
+            mgr.append(frames_mgr / secs_mgr if secs_mgr else 0.0)
+            per_cpu.append(bytes_in / cpu / 1e6 if cpu else 0.0)
+            for k, v in drops.items():
+                drops_total[k] = drops_total.get(k, 0) + v
+        med_raw = statistics.median(raw)
+        for path, rates in (("pipe", raw), ("manager", mgr)):
+            best, med = max(rates), statistics.median(rates)
+            ratio = f"{med / med_raw:6.2f}" if med_raw else "     -"
+            extra = (f"{statistics.median(per_cpu):9.0f}  "
+                     + (" ".join(f"{k}={v}" for k, v in drops_total.items()) or "0")
+                     if path == "manager" else "")
+            print(f"{label:>8} {path:>8} {best * size / 1e6:>10.1f} {med * size / 1e6:>8.1f} "
+                  f"{best:>14.0f} {med:>8.0f} {ratio} {extra}")
+    print("MB/s and frames/s: delivered to the sink, first to last byte (best and median "
+          "of the runs); ratio: median over the pipe's median.  MB/CPU-s: bytes the manager "
+          "read per CPU second of its process (start-up included), what one free core "
+          "would carry.")
 
 
 if __name__ == "__main__":

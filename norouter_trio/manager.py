@@ -746,14 +746,19 @@ class Manager:
         splicing = False
         try:
             while True:
-                if splicing:
+                if splicing and self._packet_observers:
+                    splicing = False  # observers see every packet: no splicing
+                if splicing and not decoder.buffered:
                     try:
-                        splicing = await self._splice_run(h, stream)
+                        first = await self._splice_run(h, stream)
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
                         h.exit_reason = h.exit_reason or f"stdout unreadable: {e}"
                         break
-                    if splicing:
+                    if first is None:
                         continue
+                    # A large frame to read ourselves (and then look again), or leave.
+                    splicing = first > 0
+                    size = first or READ_SIZE
                 try:
                     data = await stream.read(size)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
@@ -787,6 +792,8 @@ class Manager:
                     decoder.take_pending()
                     await self._splice(h, dst, stream, head, total - len(head), 1)
                     splicing = True
+                elif splicing:  # read just this frame, then look at the pipe again
+                    size = total - len(head)
         finally:
             if not h.terminating:
                 self._terminate(h)
@@ -840,9 +847,11 @@ class Manager:
                 return False
         return not stdin.closed and self._live.get(ip_bytes(dst.vip)) is dst
 
-    async def _splice_run(self, src: HostState, stream: Pipe) -> bool:
+    async def _splice_run(self, src: HostState, stream: Pipe) -> int | None:
         """Splice the run of whole large frames for one destination at the head of the
-        source pipe; False (nothing consumed) when the next frame is not one of those.
+        source pipe (None), else consume nothing and return the length of the next frame
+        if it is a large one that the reader should read itself (not whole in the pipe
+        yet, or its destination is busy), or 0 (leave splice mode).
 
         ``tee`` duplicates the pipe's contents into a private pipe without consuming them;
         the frame headers are read from that copy (the bodies skipped to /dev/null), then
@@ -860,19 +869,23 @@ class Manager:
             await trio.lowlevel.wait_readable(fd)
         if n < PEEK_SIZE:
             tee.discard(n)
-            return False
+            return 0
         dst: HostState | None = None
-        run = count = 0
+        run = count = first = 0
         read = 0  # bytes consumed from the tee copy
         while n - run >= PEEK_SIZE:
             head = tee.read(PEEK_SIZE)
             read += PEEK_SIZE
             word = int.from_bytes(head[:4], "big")
             total = 4 + (word & 0xFFFFFF)
-            if word >> 24 != frames.MAGIC or total < SPLICE_MIN or run + total > n:
+            if word >> 24 != frames.MAGIC or total < SPLICE_MIN:
                 break
             d = self._route_prefix(head)
-            if d is None or (dst is not None and d is not dst):
+            if d is None:
+                break
+            if not count:
+                first = total
+            if run + total > n or (dst is not None and d is not dst):
                 break
             dst = d
             run += total
@@ -883,10 +896,10 @@ class Manager:
             read += total - PEEK_SIZE
         tee.discard(n - read)
         if dst is None or dst.congested or not await self._wait_idle(dst):
-            return False
+            return first
         await self._splice(src, dst, stream, b"", run, count)
         await trio.lowlevel.checkpoint()
-        return True
+        return None
 
     async def _splice(self, src: HostState, dst: HostState, stream: Pipe,
                       head: bytes, rest: int, count: int) -> None:

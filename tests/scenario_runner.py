@@ -67,6 +67,8 @@ steps (each a mapping; `ns: NAME` picks the namespace, default the manager's):
                                pause_after, pause
   kill_agent: NS               kill the norouter agent(s) running in NS (signal: KILL)
   expect_log: REGEX            wait until the manager's log matches
+  wait_file: PATH              wait until the file (path as the runner sees it) contains
+                               `contains:` (a string or list), e.g. one an agent writes
   rss: {max_mb: N}             every norouter process in the scenario's namespaces
   restart_manager: {}          stop the manager (SIGINT) and start it again
   stop_manager: {}             SIGINT; it must exit with 0 and leave no agent behind
@@ -582,6 +584,27 @@ class Scenario:
             m = re.search(st["expect_log"], self.manager_log()[start:])
             assert m is not None
             return f"manager log: {m.group(0)[:120]!r}"
+        if "wait_file" in st:
+            path = Path(st["wait_file"])
+            wants = st.get("contains") or []
+            wants = [wants] if isinstance(wants, str) else [str(w) for w in wants]
+
+            def has_all() -> bool:
+                try:
+                    text = path.read_text(errors="replace")
+                except OSError:
+                    return False
+                return all(w in text for w in wants)
+
+            try:
+                self.wait_until(f"{path} containing {wants}", timeout, has_all)
+            except ScenarioError as e:
+                try:
+                    now = path.read_text(errors="replace")[-1500:]
+                except OSError as oe:
+                    now = f"(unreadable: {oe})"
+                raise ScenarioError(f"{e}; it holds:\n{now}") from None
+            return f"{path} contains {wants}"
         if "rss" in st:
             limit = float(st["rss"]["max_mb"])
             seen = []

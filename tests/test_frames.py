@@ -142,3 +142,24 @@ def test_feed_raw_spans_cover_whole_frames() -> None:
     (b"\x60" + bytes(39), False), (b"", False)])
 def test_is_ipv4_packet(payload: bytes, ok: bool) -> None:
     assert frames.is_ipv4_packet(payload) is ok
+
+
+def test_a_pending_frame_can_be_taken_over() -> None:
+    """A switch that splices the rest of a frame takes it from the decoder, which then
+    expects the next frame; offsets stay those of the stream."""
+    big, small = encode_frame(1, b"\x45" + bytes(999)), encode_frame(2, b"{}")
+    d = FrameDecoder("p")
+    assert d.feed(small + big[:5]) == [(2, b"{}")]
+    assert d.pending_frame() is None  # header not complete yet
+    with pytest.raises(ValueError):
+        d.take_pending()
+    assert d.feed(big[5:30]) == []
+    assert d.pending_frame() == (big[:30], len(big))
+    assert d.take_pending() == big[:30]
+    assert d.pending_frame() is None and d.buffered == 0
+    assert d.offset == len(small) + len(big)
+    # the rest of big went elsewhere: the next bytes are a new frame
+    assert d.feed(small) == [(2, b"{}")]
+    d.eof()
+    with pytest.raises(FrameError, match="at byte offset 1028: magic"):
+        d.feed(b"x")

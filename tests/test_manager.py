@@ -13,8 +13,11 @@ import logging
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,8 @@ from typing import Any
 import pytest
 import trio
 
+from norouter_trio import manager as manager_mod
+from norouter_trio.frames import TYPE_L3, FrameDecoder, encode_frame
 from norouter_trio.manager import HostState, Manager, Observer
 from norouter_trio.manifest import load_manifest
 from norouter_trio.routing import LEARNED_MAX, RoutingTable, ip_bytes
@@ -111,7 +116,7 @@ class Control:
         self._files: dict[str, Any] = {}
 
     async def __call__(self, fifo: str, line: str) -> None:
-        f = self._files.get(fifo)
+        f: Any = self._files.get(fifo)
         if f is None:
             with trio.fail_after(WAIT):
                 f = await trio.to_thread.run_sync(lambda: open(fifo, "w"))  # noqa: SIM115
@@ -274,8 +279,10 @@ async def test_a_slow_agent_slows_its_sender_instead_of_losing(
 # -- large frames (spliced pipe to pipe) and small ones, in order, intact ------------------
 
 #: A peer that checks what the switch delivers: ``send PLAN`` answers the configure request
-#: and writes the planned frames (per destination numbered 0, 1, 2 ...) in odd-sized writes;
-#: ``recv STALL`` answers, reads nothing for STALL seconds, then parses every frame, checks
+#: and writes the planned frames (per destination numbered 0, 1, 2 ...) in odd-sized writes
+#: ``pace`` seconds apart;
+#: ``recv STALL,AFTER`` answers, reads AFTER bytes, then nothing for STALL seconds; it parses
+#: every frame, checks
 #: its IPv4 length and that each sender's numbers go up by one (``skip`` after a drop), and
 #: after 1.5 s without data prints ``got N gaps G bad B``.
 PEER = r"""
@@ -302,7 +309,8 @@ write(frame(2, json.dumps({"type": "result", "body": {
 if sys.argv[1] == "send":
     seq = {}
     out = []
-    for dst, size, n in json.loads(sys.argv[2]):
+    plan = json.loads(sys.argv[2])
+    for dst, size, n in plan["frames"]:
         for _ in range(n):
             k = seq[dst] = seq.get(dst, -1) + 1
             body = struct.pack(">I", k) + bytes(size - 24)
@@ -316,12 +324,16 @@ if sys.argv[1] == "send":
         n = 37 * step ** 5  # 37 bytes .. 600 KB: frames cut anywhere
         write(data[:n])
         data = data[n:]
+        time.sleep(plan["pace"])
     sys.stderr.write("sent\n")
     time.sleep(3600)
-time.sleep(float(sys.argv[2]))
-got = gaps = bad = 0
+stall, pause_after = map(float, sys.argv[2].split(","))
+got = gaps = bad = nbytes = 0
 last = {}
 while True:
+    if stall and nbytes >= pause_after:
+        time.sleep(stall)
+        stall = 0
     while len(buf) >= 8:
         word, ftype, _ = HDR.unpack_from(buf)
         if word >> 24 != 0x42:
@@ -342,18 +354,19 @@ while True:
         got += 1
     if not select.select([0], [], [], 1.5)[0]:
         break
-    data = os.read(0, 1 << 20)
+    data = os.read(0, 1 << 16)
     if not data:
         break
+    nbytes += len(data)
     buf += data
 sys.stderr.write("got %d gaps %d bad %d\n" % (got, gaps, bad))
 time.sleep(3600)
 """
 
 
-async def run_peers(tmp_path: Path, plan: list[tuple[str, int, int]], stall: float,
+async def run_peers(tmp_path: Path, plan: list[tuple[str, int, int]], pace: float, stall: str,
                     queue_bytes: int) -> tuple[Manager, dict[str, tuple[int, int, int]]]:
-    """A sends ``plan`` to B and C (which stall first); their ``got`` lines by name."""
+    """A sends ``plan`` to B and C (which pause as ``stall`` says); their ``got`` lines."""
     from norouter_trio import __version__
 
     script = tmp_path / "peer.py"
@@ -364,9 +377,9 @@ async def run_peers(tmp_path: Path, plan: list[tuple[str, int, int]], stall: flo
 
     text = f"""
 hosts:
-  a: {{vip: {A}, cmd: {cmd("send", json.dumps(plan))}}}
-  b: {{vip: {B}, cmd: {cmd("recv", str(stall))}}}
-  c: {{vip: {C}, cmd: {cmd("recv", str(stall))}}}
+  a: {{vip: {A}, cmd: {cmd("send", json.dumps({"frames": plan, "pace": pace}))}}}
+  b: {{vip: {B}, cmd: {cmd("recv", stall)}}}
+  c: {{vip: {C}, cmd: {cmd("recv", stall)}}}
 """
     rec = Recorder()
     got: dict[str, tuple[int, int, int]] = {}
@@ -379,16 +392,17 @@ hosts:
     return manager, got
 
 
-@pytest.mark.parametrize(("stall", "queue_bytes"), [(0.0, 8 << 20), (0.8, 8 << 20),
-                                                    (0.8, 1 << 20)],
-                         ids=["fast", "late-reader", "late-reader-small-queue"])
+@pytest.mark.parametrize(("pace", "stall", "queue_bytes"), [
+    (0.0, "0,0", 8 << 20), (0.0, "0.8,0", 8 << 20), (0.01, "0.8,1500000", 8 << 20),
+    (0.0, "1.5,0", 1 << 20)],
+    ids=["fast", "late-reader", "pausing-reader", "late-reader-small-queue"])
 async def test_large_and_small_frames_arrive_whole_and_in_order(
-        tmp_path: Path, stall: float, queue_bytes: int) -> None:
-    """Runs of 64 KiB frames are spliced, the rest copied; a destination that reads late
-    makes a splice wait for room (and hand the rest of its frame to the queue)."""
+        tmp_path: Path, pace: float, stall: str, queue_bytes: int) -> None:
+    """Runs of 64 KiB frames are spliced, the rest copied; a destination that stops
+    reading makes a splice wait for room (and hand the rest of its frames to the queue)."""
     plan = [(B, 65535, 30), (C, 1500, 40), (B, 65535, 3), (C, 65535, 20), (B, 100, 5),
             (B, 40000, 10), (B, 65535, 40)]
-    manager, got = await run_peers(tmp_path, plan, stall, queue_bytes)
+    manager, got = await run_peers(tmp_path, plan, pace, stall, queue_bytes)
     a, b, c = manager.host("a"), manager.host("b"), manager.host("c")
     sent = {B: sum(n for d, _, n in plan if d == B), C: sum(n for d, _, n in plan if d == C)}
     assert a.frames_in == sum(sent.values()) + 1  # and the configure result
@@ -401,6 +415,60 @@ async def test_large_and_small_frames_arrive_whole_and_in_order(
             assert (n, gaps) == (sent[vip], 0), h.drops
     if queue_bytes == 1 << 20:
         assert b.drops.get("queue_full", 0) > 0 and got["b"][1] > 0
+
+
+def l3_frame(src: str, dst: str, seq: int, size: int) -> bytes:
+    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, size & 0xFFFF, 0, 0, 64, 253, 0,
+                     socket.inet_aton(src), socket.inet_aton(dst))
+    return encode_frame(TYPE_L3, ip + struct.pack(">I", seq) + bytes(size - 24))
+
+
+async def test_a_splice_into_a_full_pipe_hands_the_rest_to_the_queue(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The switch's reader and writer on bare pipes: b's agent reads nothing at first, so
+    the splice of a run of large frames fills its pipe, waits, and leaves the rest of the
+    run (cut anywhere) to b's writer, which sends it before anything queued after it."""
+    monkeypatch.setattr(manager_mod, "SPLICE_WAIT", WAIT)  # no race with the writer
+    monkeypatch.setattr(manager_mod, "BACKPRESSURE_WAIT", 0.1)
+    text = f"hosts:\n  a: {{vip: {A}, cmd: [x]}}\n  b: {{vip: {B}, cmd: [x]}}\n"
+    manager = Manager(load_manifest(text))
+    a, b = manager.host("a"), manager.host("b")
+    a_out_r, a_out_w = os.pipe()
+    b_in_r, b_in_w = os.pipe()
+    for fd in (a_out_r, b_in_w):
+        manager_mod._raise_pipe_size(fd)
+    b.stdin = manager_mod.Pipe(b_in_w)
+    b.send, recv = trio.open_memory_channel[tuple[list[bytes | memoryview], int, int]](64)
+    manager._live[ip_bytes(B)] = b
+    count = 40
+    data = b"".join(l3_frame(A, B, i, 65535) for i in range(count))
+    got: list[int] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(manager._writer, b, recv)
+            nursery.start_soon(manager._reader, a, manager_mod.Pipe(a_out_r), trio.Event())
+            writer = threading.Thread(target=lambda: os.write(a_out_w, data))  # blocks: 2.6 MB
+            writer.start()
+            with trio.fail_after(WAIT):  # the splice gave up waiting for room
+                while "b(127.0.42.102): its queue stays full" not in caplog.text:
+                    await trio.sleep(0.01)
+            assert b.drops == {}
+            decoder = FrameDecoder("b")
+            os.set_blocking(b_in_r, False)
+            with trio.fail_after(WAIT):
+                while len(got) < count:
+                    await trio.lowlevel.wait_readable(b_in_r)
+                    for ftype, payload in decoder.feed(os.read(b_in_r, 1 << 20)):
+                        assert ftype == TYPE_L3 and len(payload) == 65535
+                        got.append(struct.unpack(">I", payload[20:24])[0])
+            await trio.to_thread.run_sync(writer.join)
+            nursery.cancel_scope.cancel()
+    finally:
+        for fd in (a_out_w, b_in_r):
+            os.close(fd)
+    assert got == list(range(count))
+    assert (a.frames_in, b.frames_out, b.bytes_out) == (count, count, len(data))
+    assert b.queued_bytes == 0 and not b.tail
 
 
 async def test_refusals_and_warnings(fifos: Callable[[str], str]) -> None:

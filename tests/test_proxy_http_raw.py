@@ -7,6 +7,7 @@ dialer), so each test controls the exact bytes the proxy gets.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from test_dialer import TIMEOUT, FakeStack, OSDialer, make_dialer
 from test_http_proxy import http_proxy, raw_exchange
 
-from norouter_trio.agent.http_proxy import ChunkedScanner
+from norouter_trio.agent.http_proxy import ChunkedScanner, parse_absolute_uri
 
 Script = Callable[[trio.SocketStream, bytes], Awaitable[None]]
 
@@ -79,8 +80,9 @@ def test_chunked_scanner_finds_the_end_however_it_is_cut(
     body += b"0\r\n" + b"".join(t + b"\r\n" for t in trailers) + b"\r\n"
     wire = body + b"GET /next"
     points = sorted({min(c, len(wire)) for c in cuts} | {0, len(wire)})
-    scanner, decoded, end, offset = ChunkedScanner(), [], -1, 0
-    for a, b in zip(points, points[1:], strict=False):
+    scanner, end, offset = ChunkedScanner(), -1, 0
+    decoded: list[bytes] = []
+    for a, b in itertools.pairwise(points):
         piece = wire[a:b]
         found = scanner.feed(piece, decode=decoded)
         if found >= 0:
@@ -240,3 +242,27 @@ async def test_ambiguous_request_framing_is_refused(headers: bytes, status: byte
                                            + headers + b"\r\nabc")
     assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer[:200]
     assert stack.calls == []
+
+
+@settings(max_examples=100, deadline=None)
+@given(scheme=st.sampled_from(["http", "HTTP", "Http"]),
+       host=st.from_regex(r"[A-Za-z0-9][-A-Za-z0-9.]{0,20}", fullmatch=True),
+       port=st.one_of(st.none(), st.integers(min_value=1, max_value=65535)),
+       path=st.from_regex(r"(/[-a-zA-Z0-9._~%!$&'()*+,;=:@]*)*", fullmatch=True),
+       query=st.one_of(st.none(), st.from_regex(r"[-a-zA-Z0-9=&%/?]*", fullmatch=True)),
+       fragment=st.one_of(st.none(), st.from_regex(r"[a-z0-9]*", fullmatch=True)))
+def test_uri_fast_path_agrees_with_urlsplit(scheme: str, host: str, port: int | None,
+                                            path: str, query: str | None,
+                                            fragment: str | None) -> None:
+    from urllib.parse import urlsplit
+
+    authority = host if port is None else f"{host}:{port}"
+    uri = f"{scheme}://{authority}{path}"
+    if query is not None:
+        uri += "?" + query
+    if fragment is not None:
+        uri += "#" + fragment
+    parts = urlsplit(uri)
+    expected_path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+    assert parse_absolute_uri(uri.encode()) == (
+        parts.hostname, parts.port or 80, parts.netloc, expected_path.encode())

@@ -456,7 +456,7 @@ def test_rto_deadline_retransmission_backoff_and_user_timeout() -> None:
 
 
 def test_rtt_sample_sets_rto_with_floor() -> None:
-    a, b = pair(cfg_a=TCPConfig(min_rto=0.2))
+    a, b = pair(cfg_a=TCPConfig(min_rto=0.2, tail_loss_probe=False))
     a.send(b"x", 10.0)
     move(a, b, 10.0)
     b.handle_timer(10.04)
@@ -724,7 +724,7 @@ def test_pure_ack_from_the_right_window_edge_is_accepted_not_answered() -> None:
     # A filled B's whole window; A's next pure ACK carries SEQ = B's right edge. Taking
     # that as out-of-window made both ends ACK each other forever (found by the lossy
     # link tests); it must simply be processed.
-    a, b = pair(cfg_b=TCPConfig(recv_buffer=3000))
+    a, b = pair(cfg_a=TCPConfig(tail_loss_probe=False), cfg_b=TCPConfig(recv_buffer=3000))
     a.set_nodelay(True)
     a.send(bytes(3000), 0.0)
     held = a.segments_to_send(0.0)  # in flight, not delivered yet
@@ -755,11 +755,14 @@ def test_tail_loss_probe_resends_the_last_segment_before_the_rto() -> None:
     a.send(b"warm", 1.0)
     move(a, b, 1.0)
     b.handle_timer(1.04)
-    move(b, a, 1.05)  # RTT sample 50 ms: SRTT 0.05, RTO 0.2 (floor)
+    move(b, a, 1.05)  # RTT samples 0 (handshake) and 50 ms
+    srtt = a._rto.srtt
+    assert srtt is not None and srtt > 0
     a.send(bytes(3000), 2.0)
     (last,) = a.segments_to_send(2.0)  # lost on the way
     # PTO = 2*SRTT + delayed-ACK allowance (one segment in flight), before the RTO.
-    assert a.get_timer() == pytest.approx(2.0 + 2 * 0.05 + 0.04)
+    assert a.get_timer() == pytest.approx(2.0 + max(2 * srtt + 0.04, 0.01))
+    assert a._rto_deadline == pytest.approx(2.2)
     t = a.get_timer()
     assert t is not None
     a.handle_timer(t)

@@ -191,14 +191,19 @@ def test_blind_rst_and_syn_injection_mid_transfer_is_not_obeyed() -> None:
     assert link.a.closed == link.b.closed == ConnectionClosed(CloseReason.NORMAL)
 
 
-@pytest.mark.parametrize(("mss", "rate", "queue"), [(1460, 20e6, 50), (65495, 200e6, 8)])
-def test_tail_drop_bottleneck_keeps_the_pipe_full(mss: int, rate: float, queue: int) -> None:
+@pytest.mark.parametrize(
+    ("mss", "rate", "queue", "size"),
+    [(1460, 20e6, 50, 3_000_000), (65495, 200e6, 8, 20_000_000)],
+)
+def test_tail_drop_bottleneck_keeps_the_pipe_full(
+    mss: int, rate: float, queue: int, size: int
+) -> None:
     """Congestion control and SACK recovery against a FIFO bottleneck that tail-drops.
 
     Virtual time, so the figure is exact: the transfer must use most of the bottleneck
     (losses repaired by fast recovery, not timeouts), and every byte must arrive.
     """
-    data = random.Random(1).randbytes(3_000_000)
+    data = random.Random(1).randbytes(size)
     cfg = TCPConfig(mss=mss)
     link = connected_pair(
         data,

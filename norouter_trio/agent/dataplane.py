@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import ipaddress
 import logging
 import sys
@@ -89,6 +90,7 @@ async def open_os_listener(ip: str, port: int, why: str) -> trio.SocketListener:
     return trio.SocketListener(sock)
 
 
+@functools.lru_cache(maxsize=256)
 def _is_ipv4(host: str) -> bool:
     try:
         ipaddress.IPv4Address(host)
@@ -118,11 +120,14 @@ async def open_os_stream(host: str, port: int) -> trio.SocketStream:
     return stream
 
 
-def _peer(sock: trio.SocketStream) -> str:
-    try:
-        return _fmt(sock.socket.getpeername())
-    except OSError:  # already reset by the client
-        return "?"
+#: accept() errors that concern one client only (as trio's SocketListener skips them).
+_ACCEPT_RETRY = frozenset(getattr(errno, n) for n in (
+    "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET",
+    "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH") if hasattr(errno, n))
+
+#: Builds a connection's description for a log line only when one is written: at
+#: hundreds of connections a second the f-strings (and a getpeername) add up.
+Describe = Callable[[], str]
 
 
 def _fmt(addr: Any) -> str:
@@ -146,11 +151,13 @@ class DataPlane:
 
     # -- one joined connection
     async def _joined(self, kind: str, a: trio.abc.HalfCloseableStream,
-                      b: trio.abc.HalfCloseableStream, desc: str) -> None:
+                      b: trio.abc.HalfCloseableStream, desc: Describe) -> None:
         self.counters["connections"] += 1
         self.counters["active"] += 1
         start = time.monotonic()
-        log.debug("%s: %s %s: open", self.label, kind, desc)
+        debug = log.isEnabledFor(logging.DEBUG)
+        if debug:
+            log.debug("%s: %s %s: open", self.label, kind, desc())
         for s in (a, b):
             # A relay forwards what it gets at once: the sender already chose the segments,
             # and Nagle here would add a round trip to every small exchange.
@@ -165,15 +172,15 @@ class DataPlane:
         secs = time.monotonic() - start
         if result.error:
             self.counters["reset"] += 1
-            log.info("%s: %s %s: reset after %d/%d bytes, %.1fs (%s)", self.label, kind, desc,
-                     result.a_to_b, result.b_to_a, secs, result.error)
-        else:
+            log.info("%s: %s %s: reset after %d/%d bytes, %.1fs (%s)", self.label, kind,
+                     desc(), result.a_to_b, result.b_to_a, secs, result.error)
+        elif debug:
             log.debug("%s: %s %s: closed, %d bytes out, %d back, %.1fs", self.label, kind,
-                      desc, result.a_to_b, result.b_to_a, secs)
+                      desc(), result.a_to_b, result.b_to_a, secs)
 
-    def _refused(self, kind: str, desc: str, e: BaseException) -> None:
+    def _refused(self, kind: str, desc: Describe, e: BaseException) -> None:
         self.counters["refused"] += 1
-        log.warning("%s: %s %s: %s", self.label, kind, desc, e or type(e).__name__)
+        log.warning("%s: %s %s: %s", self.label, kind, desc(), e or type(e).__name__)
 
     # -- forwards: stack listener -> OS
     async def serve_forward(self, listener: trio.abc.Listener[Any], fw: Forward) -> None:
@@ -186,8 +193,10 @@ class DataPlane:
                 self._spawn(self._forward_conn, stream, fw)
 
     async def _forward_conn(self, stream: trio.abc.HalfCloseableStream, fw: Forward) -> None:
-        desc = (f"{_fmt(getattr(stream, 'remote_address', '?'))} -> "
-                f"{self.args.me}:{fw.listen_port} -> {fw.connect_ip}:{fw.connect_port}")
+        def desc() -> str:
+            return (f"{_fmt(getattr(stream, 'remote_address', '?'))} -> "
+                    f"{self.args.me}:{fw.listen_port} -> {fw.connect_ip}:{fw.connect_port}")
+
         try:
             target = await open_os_stream(fw.connect_ip, fw.connect_port)
         except OSError as e:
@@ -201,11 +210,14 @@ class DataPlane:
                                    port: int) -> None:
         async with listener:
             while True:
-                sock = await self._accept_os(listener)
-                self._spawn(self._loopback_other_conn, sock, ip, port)
+                sock, peer = await self._accept_os(listener)
+                self._spawn(self._loopback_other_conn, sock, peer, ip, port)
 
-    async def _loopback_other_conn(self, sock: trio.SocketStream, ip: str, port: int) -> None:
-        desc = f"{_peer(sock)} -> {ip}:{port} (loopback)"
+    async def _loopback_other_conn(self, sock: trio.SocketStream, peer: Any, ip: str,
+                                   port: int) -> None:
+        def desc() -> str:
+            return f"{_fmt(peer)} -> {ip}:{port} (loopback)"
+
         try:
             with trio.fail_after(STACK_CONNECT_TIMEOUT):
                 stream = await self.stack.connect(ip, port)
@@ -222,12 +234,15 @@ class DataPlane:
     async def serve_loopback_own(self, listener: trio.SocketListener, fw: Forward) -> None:
         async with listener:
             while True:
-                sock = await self._accept_os(listener)
-                self._spawn(self._loopback_own_conn, sock, fw)
+                sock, peer = await self._accept_os(listener)
+                self._spawn(self._loopback_own_conn, sock, peer, fw)
 
-    async def _loopback_own_conn(self, sock: trio.SocketStream, fw: Forward) -> None:
-        desc = (f"{_peer(sock)} -> {self.args.me}:{fw.listen_port} -> "
-                f"{fw.connect_ip}:{fw.connect_port} (loopback)")
+    async def _loopback_own_conn(self, sock: trio.SocketStream, peer: Any,
+                                 fw: Forward) -> None:
+        def desc() -> str:
+            return (f"{_fmt(peer)} -> {self.args.me}:{fw.listen_port} -> "
+                    f"{fw.connect_ip}:{fw.connect_port} (loopback)")
+
         try:
             target = await open_os_stream(fw.connect_ip, fw.connect_port)
         except OSError as e:
@@ -236,11 +251,18 @@ class DataPlane:
             return
         await self._joined("loopback", sock, target, desc)
 
-    async def _accept_os(self, listener: trio.SocketListener) -> trio.SocketStream:
+    async def _accept_os(self, listener: trio.SocketListener) -> tuple[trio.SocketStream, Any]:
+        """Accept on the listener's socket directly: accept4 returns the peer's address,
+        which the log lines then need no getpeername for."""
         while True:
             try:
-                return await listener.accept()
+                sock, peer = await listener.socket.accept()
+                return trio.SocketStream(sock), peer
             except OSError as e:  # EMFILE and friends: wait, do not spin or die
+                if e.errno in _ACCEPT_RETRY:  # the client gave up first: next one
+                    continue
+                if e.errno == errno.EBADF:
+                    raise trio.ClosedResourceError("the listener was closed") from None
                 log.warning("%s: accept on %s failed: %s", self.label,
                             _fmt(listener.socket.getsockname()), e)
                 await trio.sleep(0.1)
@@ -253,7 +275,9 @@ class DataPlane:
 
     async def _bastion_conn(self, pending: PendingConnection) -> None:
         ip, port = pending.local
-        desc = f"{_fmt(pending.remote)} -> {ip}:{port} (bastion)"
+        def desc() -> str:
+            return f"{_fmt(pending.remote)} -> {ip}:{port} (bastion)"
+
         if ip == self.args.me:
             pending.refuse()  # our own VIP with nothing listening: a plain refusal
             return

@@ -86,6 +86,8 @@ def normalize_host(host: str) -> str:
 
 
 def _ipv4(host: str) -> ipaddress.IPv4Address | None:
+    if not host[:1].isdigit():
+        return None  # a name (cheaper than the ValueError)
     try:
         return ipaddress.IPv4Address(host)
     except ValueError:
@@ -93,6 +95,8 @@ def _ipv4(host: str) -> ipaddress.IPv4Address | None:
 
 
 def _is_ipv6(host: str) -> bool:
+    if ":" not in host:
+        return False
     try:
         ipaddress.IPv6Address(host.split("%", 1)[0])
     except ValueError:

@@ -23,6 +23,7 @@ connection is closed; the proxy keeps serving everyone else.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -85,8 +86,18 @@ class _UpstreamFailed(Exception):
         self.idle = idle  # closed before sending a single byte (a stale kept-alive one)
 
 
+_SIMPLE_URI = re.compile(rb"[hH][tT][tT][pP]://([-A-Za-z0-9._~]+)(?::([0-9]{1,5}))?"
+                         rb"(/[^?#]*(?:\?[^#]+)?)?")
+
+
 def parse_absolute_uri(target: bytes) -> tuple[str, int, str, bytes]:
     """`http://host[:port]/path?q` -> (host, port, authority for Host:, origin-form target)."""
+    m = _SIMPLE_URI.fullmatch(target)
+    if m is not None and (m[2] is None or 0 < int(m[2]) < 65536):
+        # The usual form, without urlsplit's cost; anything else takes the general path.
+        authority = m[1] + b":" + m[2] if m[2] is not None else m[1]
+        return (m[1].decode("ascii").lower(), int(m[2] or 80), authority.decode("ascii"),
+                m[3] or b"/")
     text = target.decode("ascii", "replace")
     if text.startswith("/"):
         raise BadRequest("this is a proxy: the request target must be an absolute "
@@ -298,20 +309,12 @@ class _ProxyConnection:
         self.body_read = False  # the whole request body has been read from the client
 
     async def run(self) -> None:
+        # One scope for the connection, armed only while waiting for a request (cheaper
+        # than a new scope per request); when it fires the connection just closes.
+        idle = trio.CancelScope()
         try:
-            while True:
-                head: bytes | None = None
-                self.answered = False
-                with trio.move_on_after(self.idle_timeout):
-                    head = await self.read_request_head()
-                if head is None:
-                    return  # idle timeout or the client closed
-                request = _Request(head)
-                if request.method == b"CONNECT":
-                    await self.connect_tunnel(request)
-                    return
-                if not await self.forward(request):
-                    return
+            with idle:
+                await self.serve(idle)
         except _HTTPError as exc:
             log.info("HTTP proxy: bad request: %s", exc)
             await self.send_error(exc.status, f"bad request: {exc}")
@@ -320,6 +323,21 @@ class _ProxyConnection:
         finally:
             await self.drop_upstream()
             await trio.aclose_forcefully(self.stream)
+
+    async def serve(self, idle: trio.CancelScope) -> None:
+        while True:
+            self.answered = False
+            idle.deadline = trio.current_time() + self.idle_timeout
+            head = await self.read_request_head()
+            idle.deadline = math.inf
+            if head is None:
+                return  # the client closed
+            request = _Request(head)
+            if request.method == b"CONNECT":
+                await self.connect_tunnel(request)
+                return
+            if not await self.forward(request):
+                return
 
     async def read_request_head(self) -> bytes | None:
         """The next request head (without the blank line); None when the client closed."""

@@ -10,8 +10,10 @@ both (an RST where the stream supports it), so the far end learns promptly.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import struct
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -56,10 +58,21 @@ async def reset_and_close(stream: trio.abc.Stream) -> None:
 
 async def pump(src: trio.abc.ReceiveStream, dst: trio.abc.SendStream, *,
                chunk: int = CHUNK) -> int:
-    """Copy src to dst until EOF, then half-close dst; return the bytes moved."""
+    """Copy src to dst until EOF, then half-close dst; return the bytes moved.
+
+    An OS socket on one side is read or written directly on its descriptor (non-blocking
+    read/write, waiting for readiness only on EAGAIN): trio's SocketStream yields once
+    after every successful call, one scheduling pass per chunk that a relay does not need
+    since the other side's call yields anyway (the stack stream checkpoints on every
+    call). When both sides are OS sockets only the receiving side is direct.
+    """
     moved = 0
     receive_some = src.receive_some
     send_all = dst.send_all
+    if type(src) is trio.SocketStream:
+        receive_some = _direct_receiver(src.socket.fileno())
+    elif type(dst) is trio.SocketStream:
+        send_all = _direct_sender(dst.socket.fileno())
     while True:
         data = await receive_some(chunk)
         if not data:
@@ -71,6 +84,37 @@ async def pump(src: trio.abc.ReceiveStream, dst: trio.abc.SendStream, *,
     else:
         await dst.aclose()
     return moved
+
+
+def _direct_receiver(fd: int) -> Callable[[int], Awaitable[bytes]]:
+    read = os.read
+    wait_readable = trio.lowlevel.wait_readable
+
+    async def receive_some(max_bytes: int) -> bytes:
+        while True:
+            try:
+                return read(fd, max_bytes)
+            except BlockingIOError:
+                await wait_readable(fd)
+
+    return receive_some
+
+
+def _direct_sender(fd: int) -> Callable[[bytes], Awaitable[None]]:
+    write = os.write
+    wait_writable = trio.lowlevel.wait_writable
+
+    async def send_all(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = write(fd, view)
+            except BlockingIOError:
+                await wait_writable(fd)
+                continue
+            view = view[n:]
+
+    return send_all
 
 
 async def join(a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStream, *,

@@ -176,6 +176,7 @@ class TCPConnection:
         "_rcvbufsize",
         "_retries",
         "_rexmit_budget",
+        "_rexmit_log",
         "_rexmit_next",
         "_rmss",
         "_rport",
@@ -192,6 +193,7 @@ class TCPConnection:
         "_snd_wscale",
         "_sndbufsize",
         "_syn_needed",
+        "_tlp_out",
         "_ts_offset",
         "_ts_ok",
         "_ts_recent",
@@ -264,6 +266,7 @@ class TCPConnection:
         self._rexmit_next = iss
         self._rexmit_budget = 0
         self._pass_mark = iss
+        self._rexmit_log: list[tuple[int, int, int]] = []
         self._ltx = 0
         self._rtt_seq: int | None = None
         self._rtt_time = 0.0
@@ -274,6 +277,7 @@ class TCPConnection:
         self._delack_deadline: float | None = None
         self._tw_deadline: float | None = None
         self._pto_deadline: float | None = None
+        self._tlp_out = False
         self._ack_now = False
         self._segs_unacked = 0
         self._pushed = False
@@ -665,6 +669,7 @@ class TCPConnection:
         ):
             return  # nothing new, nothing to repair: the common idle case
         maxpay = self._max_payload()
+        sent_before = len(out)
         if self._rexmit_budget > 0:
             self._output_rexmit(now, out, maxpay)
         una = self.snd_una
@@ -724,7 +729,7 @@ class TCPConnection:
                     end = (end + 1) & MASK
             out.append(self._make(nxt, flags, payload, now))
             self._advance_snd_nxt(end, now)
-        if self.snd_una != self.snd_max:
+        if len(out) > sent_before and self.snd_una != self.snd_max:
             self._arm_pto(now)
 
     def _advance_snd_nxt(self, end: int, now: float) -> None:
@@ -778,6 +783,8 @@ class TCPConnection:
             self._rexmit_next = (end + (1 if flags & FIN else 0)) & MASK
             self._rexmit_budget -= 1
             self._pass_mark = self.snd_max  # SACKs beyond this prove it was lost, if so
+            if len(self._rexmit_log) < 256:
+                self._rexmit_log.append((s, self._rexmit_next, self.snd_max))
             cc = self._cc
             if cc.in_recovery and cc.cwnd > cc.ssthresh:
                 # The retransmission uses the room this duplicate ACK inflated, so a
@@ -805,6 +812,7 @@ class TCPConnection:
             or nxt != self.snd_max
             or _sdiff(data_end, nxt) > 0
             or self._retries  # after a timeout we are in loss recovery (§7.2)
+            or self._tlp_out  # one probe until SND.UNA advances
             or not self.config.tail_loss_probe
         ):
             self._pto_deadline = None
@@ -833,6 +841,8 @@ class TCPConnection:
         with memoryview(self._sbuf) as mv:
             payload = mv[off : off + n].tobytes()
         self._out.append(self._make(start, flags, payload, now))
+        self._rexmit_log.append((start, self.snd_max, self.snd_max))
+        self._tlp_out = True
         self._rtt_seq = None  # Karn
         self._rto_deadline = now + self._rto.rto
 
@@ -885,6 +895,7 @@ class TCPConnection:
         self._rto.backoff()
         self._rtt_seq = None
         self._sack.clear()  # RFC 2018 §8: the receiver may have reneged
+        self._rexmit_log.clear()
         self._rexmit_budget = 0
         self.snd_nxt = self.snd_una  # go back N; the output loop resends from SND.UNA
         self._rto_deadline = now + self._rto.rto
@@ -1167,11 +1178,13 @@ class TCPConnection:
             partial = self._new_ack(ack, d, now)
             if seg.sack_blocks and self._sack_ok:
                 self._sack.add(seg.sack_blocks, ack, self.snd_max)
+            if self._rexmit_log:
+                self._rack(ack)
             if partial:
                 # A partial ACK during recovery (RFC 6582 §3.2 step 5). Without SACK the
-                # next segment is presumed lost. With SACK, only a known hole is; data
-                # merely queued on the way looks the same to NewReno and would be sent
-                # twice.
+                # next segment is presumed lost. With SACK, only a known hole is (or
+                # what `_rack` found); data merely queued on the way looks the same to
+                # NewReno and would be sent twice.
                 if not self._sack_ok:
                     if _sdiff(self._rexmit_next, ack) <= 0:
                         self._rexmit_next = ack
@@ -1210,6 +1223,33 @@ class TCPConnection:
             self.snd_wl2 = ack
         return True
 
+    def _rack(self, ack: int) -> None:
+        """Loss detection from acknowledged retransmissions (RFC 8985's idea, FIFO links).
+
+        When a retransmission is cumulatively acknowledged, everything sent before it
+        (below SND.MAX at that moment) has had its chance to arrive: if the segment at
+        the new SND.UNA is still missing, is not itself a retransmission in flight and
+        nothing above it was SACKed (the tail of a loss episode, where no duplicate ACKs
+        can come), it was lost, and waiting for the probe or RTO timer only costs time.
+        """
+        lost_below: int | None = None
+        keep = []
+        for start, end, mark in self._rexmit_log:
+            if _sdiff(end, ack) <= 0:
+                if lost_below is None or _sdiff(mark, lost_below) > 0:
+                    lost_below = mark
+            else:
+                keep.append((start, end, mark))
+        self._rexmit_log = keep
+        if lost_below is None or _sdiff(lost_below, ack) <= 0:
+            return
+        if any(_sdiff(start, ack) <= 0 < _sdiff(end, ack) for start, end, _ in keep):
+            return  # the segment at SND.UNA was retransmitted after that one
+        if self._sack.ranges:
+            return  # SACK holes have their own repair (`_dupack`); this is for the tail
+        self._rexmit_next = ack
+        self._rexmit_budget = max(self._rexmit_budget, 1)
+
     def _new_ack(self, ack: int, acked: int, now: float) -> bool:
         """SND.UNA advances: free buffer, RTT sample, restart RTO, grow cwnd.
 
@@ -1231,6 +1271,7 @@ class TCPConnection:
             self._rto.sample(now - self._rtt_time)
             self._rtt_seq = None
         self._retries = 0
+        self._tlp_out = False
         if ack == self.snd_max:
             self._rto_deadline = None  # RFC 6298 §5.2
             self._pto_deadline = None
@@ -1318,7 +1359,10 @@ class TCPConnection:
         if off > 0:
             if plen or fin:
                 self._ooo_insert(seq, bytes(payload), fin)
-            self._ack_now = True  # out of order: immediate (duplicate) ACK, RFC 5681 §4.2
+            # Out of order: a duplicate ACK now, one per segment (RFC 5681 §4.2), even if
+            # the owner feeds a whole batch before collecting output; coalesced into one
+            # they would never reach the sender's threshold of three.
+            self._out.append(self._make(self.snd_nxt, ACK, b"", now))
             return
         if plen:
             self._rbuf += payload

@@ -117,6 +117,43 @@ class _State:
         return f"{lip}:{lport} <-> {rip}:{rport}"
 
 
+def _rel(deadline: float | None, now: float) -> str:
+    if deadline is None or deadline == math.inf:
+        return "-"
+    return f"{deadline - now:+.3f}s"
+
+
+def describe_connection(conn: Conn, st: _State | None, now: float) -> str:
+    """A connection's state in one line (for stall reports; reads core internals)."""
+    tcp = conn.tcp
+    g = getattr
+    una, nxt, smax = tcp.snd_una, tcp.snd_nxt, tcp.snd_max
+    rcv_nxt = tcp.rcv_nxt
+    rcv_wnd = (g(tcp, "_rcv_adv", rcv_nxt) - rcv_nxt) & 0xFFFFFFFF
+    cc = g(tcp, "_cc", None)
+    parts = [
+        f"{conn.key[0]}:{conn.key[1]}<->{conn.key[2]}:{conn.key[3]} {tcp.state.value}",
+        f"snd.una={una} nxt=+{(nxt - una) & 0xFFFFFFFF} max=+{(smax - una) & 0xFFFFFFFF}",
+        f"snd.wnd={tcp.snd_wnd} cwnd={g(cc, 'cwnd', '?')} recovery={g(cc, 'in_recovery', '?')}",
+        f"rcv.nxt={rcv_nxt} rcv.wnd={rcv_wnd}",
+        f"sendq={tcp.bytes_in_send_buffer} recvq={tcp.readable_bytes}",
+        f"ooo={len(g(tcp, '_ooo', ()))} rexmit_budget={g(tcp, '_rexmit_budget', '?')}",
+        f"retries={g(tcp, '_retries', '?')} ack_now={g(tcp, '_ack_now', '?')}",
+        f"timer={_rel(tcp.get_timer(), now)} rto={_rel(g(tcp, '_rto_deadline', None), now)}"
+        f" persist={_rel(g(tcp, '_persist_deadline', None), now)}"
+        f" delack={_rel(g(tcp, '_delack_deadline', None), now)}"
+        f" pto={_rel(g(tcp, '_pto_deadline', None), now)}",
+    ]
+    if st is not None:
+        scope = st.timer_scope
+        parts.append(
+            f"armed={_rel(scope.deadline if scope is not None else None, now)}"
+            f" readers={len(st.lot)} writers={len(st.write_lot)}"
+            f" eof={st.eof} eof_sent={st.eof_sent} closed={st.local_closed}"
+        )
+    return " ".join(parts)
+
+
 class NetStack:
     """The agent's user-space TCP/IPv4 stack, driven by bounded channels of L3 packets."""
 
@@ -148,6 +185,22 @@ class NetStack:
         """Counters plus gauges (connections, listeners, pending SYNs) for logs."""
         return self._stack.snapshot()
 
+    def connection_report(self) -> list[str]:
+        """One line per connection: TCP state, sequence space, windows, buffers, timers and
+        parked tasks, so a stalled transfer shows which side waits for what."""
+        now = trio.current_time()
+        lines = []
+        for conn in list(self._stack.connections.values()):
+            st = conn.owner
+            lines.append(describe_connection(conn, st if isinstance(st, _State) else None, now))
+        return lines
+
+    def log_report(self, why: str, level: int = logging.WARNING) -> None:
+        """Log the counters and `connection_report()` (one line each), e.g. on SIGUSR1."""
+        log.log(level, "%s: stack report (%s): %s", self.vip, why, self.snapshot())
+        for line in self.connection_report():
+            log.log(level, "%s:   %s", self.vip, line)
+
     @property
     def stack(self) -> TCPStack:
         """The sans-IO stack underneath (for debug views and tests)."""
@@ -168,6 +221,9 @@ class NetStack:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._writer)
+                import os  # P4-TEMP stall watch
+                if os.environ.get("NOROUTER_TRIO_STALL_WATCH"):
+                    nursery.start_soon(self._stall_watch, float(os.environ["NOROUTER_TRIO_STALL_WATCH"]))
                 task_status.started()
                 await self._reader(inbound)
                 log.debug("%s: inbound packets ended; stopping the stack", self.vip)
@@ -176,6 +232,27 @@ class NetStack:
             self._nursery = None
             self._stopped = True
             self._break_everything()
+
+    async def _stall_watch(self, interval: float) -> None:  # P4-TEMP
+        last: dict[object, tuple[int, int, int, int]] = {}
+        while True:
+            await trio.sleep(interval)
+            seen = {}
+            stalled = []
+            for conn in list(self._stack.connections.values()):
+                t = conn.tcp
+                sig = (t.snd_una, t.rcv_nxt, t.readable_bytes, t.bytes_in_send_buffer)
+                seen[conn.key] = sig
+                busy = t.state.value != "TIME-WAIT"
+                if busy and last.get(conn.key) == sig:
+                    stalled.append(conn)
+            last = seen
+            if stalled:
+                now = trio.current_time()
+                log.warning("%s: STALL %d connection(s) %s", self.vip, len(stalled), self.snapshot())
+                for conn in stalled:
+                    st = conn.owner
+                    log.warning("%s: STALL %s", self.vip, describe_connection(conn, st if isinstance(st, _State) else None, now))
 
     def _require_running(self) -> trio.Nursery:
         if self._nursery is None:
