@@ -118,8 +118,8 @@ def bulk(addr: tuple[str, int], nbytes: int, conns: int) -> float:
     return per * conns / secs / 1e6
 
 
-def requests(addr: tuple[str, int], seconds: float) -> float:
-    """Sequential HTTP GETs, a new connection each; returns requests per second."""
+def requests(addr: tuple[str, int], seconds: float) -> tuple[float, int]:
+    """Sequential HTTP GETs, a new connection each; returns (requests per second, count)."""
     n = 0
     t0 = time.perf_counter()
     req = b"GET / HTTP/1.0\r\nHost: bench\r\n\r\n"
@@ -132,7 +132,7 @@ def requests(addr: tuple[str, int], seconds: float) -> float:
             if not resp.endswith(b"hello world\n"):
                 raise RuntimeError(f"bad HTTP answer from {addr}: {resp!r}")
         n += 1
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), n
 
 
 def echo_rtt(addr: tuple[str, int], count: int) -> tuple[float, float]:
@@ -189,6 +189,18 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def switches(pid: int) -> int:
+    """Context switches of the whole process so far: each is (about) one wake-up."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for t in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                for line in (t / "status").read_text().splitlines():
+                    if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt")):
+                        total += int(line.split()[1])
+    return total
+
+
 def cpu_secs(pid: int) -> tuple[float, float]:
     """(seconds on a CPU, seconds runnable but waiting for one), whole process."""
     on = wait = 0.0
@@ -212,6 +224,7 @@ class Watch:
     @contextlib.contextmanager
     def phase(self) -> Iterator[dict[str, float]]:
         cpu0 = {n: cpu_secs(p) for n, p in self.pids.items()}
+        sw0 = {n: switches(p) for n, p in self.pids.items()}
         t0 = time.perf_counter()
         self._stop.clear()
         th = threading.Thread(target=self._sample, daemon=True)
@@ -227,6 +240,8 @@ class Watch:
                 on, wait = cpu_secs(p)
                 usage[n] = (on - cpu0[n][0]) / secs * 100
                 usage[n + " wait"] = (wait - cpu0[n][1]) / secs * 100
+                usage[n + " cpu"] = on - cpu0[n][0]
+                usage[n + " switches"] = switches(p) - sw0[n]
 
     def _sample(self) -> None:
         while not self._stop.wait(0.1):
@@ -320,26 +335,32 @@ def main() -> int:
         w = Watch(pids)
         rest = {n: rss_mb(p) for n, p in pids.items()}
         rows: list[tuple[str, str, str, str, dict[str, float]]] = []
+        per_op: list[tuple[str, float, dict[str, float]]] = []
 
         def measure(name: str, fn: Callable[[tuple[str, int]], Any], idx: int,
-                    fmt: Callable[[Any], str], ratio: Callable[[Any, Any], str]) -> None:
+                    fmt: Callable[[Any], str], ratio: Callable[[Any, Any], str],
+                    ops: Callable[[Any], tuple[str, float]]) -> None:
             d = fn(direct[idx])
             with w.phase() as usage:
                 v = fn(via[idx])
             rows.append((name, fmt(v), fmt(d), ratio(v, d), usage))
+            per_op.append((*ops(v), usage))
 
         pct = lambda v, d: f"{v / d * 100:.1f} %"  # noqa: E731
         if a.only in (None, "bulk"):
+            mb = ("MB, 1 conn", bulk_bytes / 1e6)
             measure("bulk MB/s, 1 conn", lambda ad: bulk(ad, bulk_bytes, 1), 0,
-                    lambda v: f"{v:.1f}", pct)
+                    lambda v: f"{v:.1f}", pct, lambda v: mb)
             measure("bulk MB/s, 8 conns", lambda ad: bulk(ad, bulk_bytes, 8), 0,
-                    lambda v: f"{v:.1f}", pct)
+                    lambda v: f"{v:.1f}", pct, lambda v: ("MB, 8 conns", bulk_bytes / 1e6))
         if a.only in (None, "get"):
             measure("new-conn GET/s", lambda ad: requests(ad, req_secs), 1,
-                    lambda v: f"{v:.0f}", pct)
+                    lambda v: f"{v[0]:.0f}", lambda v, d: pct(v[0], d[0]),
+                    lambda v: ("GET", v[1]))
         if a.only in (None, "echo"):
             measure("echo RTT p50/p99 ms", lambda ad: echo_rtt(ad, echo_n), 2,
-                    lambda v: f"{v[0]:.3f}/{v[1]:.3f}", lambda v, d: f"+{v[1] - d[1]:.3f} p99")
+                    lambda v: f"{v[0]:.3f}/{v[1]:.3f}", lambda v, d: f"+{v[1] - d[1]:.3f} p99",
+                    lambda v: ("echo round trip", echo_n + 20))
 
         names = list(pids)
         print(f"\nend to end ({'quick' if q else 'full'}; {os.cpu_count()} cores; "
@@ -350,6 +371,12 @@ def main() -> int:
         for name, v, d, r, usage in rows:
             print(f"{name:<22}{v:>14}{d:>12}{r:>12}" + "".join(
                 f"{usage.get(n, 0):>9.0f}/{usage.get(n + ' wait', 0):<5.0f}" for n in names))
+        print("\nper operation: CPU ms used / context switches (~wake-ups), each process "
+              "(load-independent: what each figure costs)")
+        for what, count, usage in per_op:
+            print(f"  per {what:<18}" + "".join(
+                f"{n:>13} {usage.get(n + ' cpu', 0) * 1e3 / count:6.3f}/"
+                f"{usage.get(n + ' switches', 0) / count:<5.1f}" for n in names))
         print("\nRSS MB: " + ", ".join(f"{n} {rest[n]:.1f} at rest / {w.peak[n]:.1f} peak"
                                        for n in names))
     finally:

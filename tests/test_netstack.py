@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -321,3 +322,121 @@ async def test_corrupted_packets_dropped_and_recovered(
                 got += await server.receive_some()
         assert got == payload
         assert sb.counters["drop_bad_checksum"] > 0
+
+
+async def test_timer_firing_while_the_writer_waits_never_acks_beyond_snd_max(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Regression (concurrent.yaml stall): the writer waits on a full outbound channel,
+    the application queues more data, and the connection's timer (tail loss probe) fires
+    before any output ran for that data. The probe must not carry bytes beyond SND.MAX:
+    the peer would acknowledge them and the sender drop every such ACK, forever."""
+    from norouter_trio.tcp.packets import FIN, parse_ipv4, parse_tcp
+
+    gate = trio.Event()
+    beyond: list[str] = []
+    key_of: list[tuple[str, int, str, int]] = []
+
+    async def gated(
+        rx: trio.MemoryReceiveChannel[bytes], tx: trio.MemorySendChannel[bytes]
+    ) -> None:
+        async with rx, tx:
+            async for packet in rx:
+                await gate.wait()
+                beyond_snd_max(packet, ack=False)
+                await tx.send(packet)
+
+    def beyond_snd_max(packet: bytes, ack: bool) -> None:
+        """A's segments must lie within what A counts as sent (SND.MAX), and B's ACKs
+        must be for data A has sent."""
+        seg = parse_tcp(parse_ipv4(packet).payload)
+        conn = sa.stack.connections.get(key_of[0]) if key_of else None
+        if conn is None:
+            return
+        end = seg.ack if ack else seg.seq + len(seg.payload) + (1 if seg.flags & FIN else 0)
+        if ((end - conn.tcp.snd_max + (1 << 31)) & 0xFFFFFFFF) - (1 << 31) > 0:
+            what = "ack" if ack else f"segment {seg.seq} +{len(seg.payload)} ending"
+            beyond.append(f"{what} {end} > snd_max {conn.tcp.snd_max}")
+
+    async def b_to_a(
+        rx: trio.MemoryReceiveChannel[bytes], tx: trio.MemorySendChannel[bytes]
+    ) -> None:
+        async with rx, tx:
+            async for packet in rx:
+                beyond_snd_max(packet, ack=True)
+                await tx.send(packet)
+
+    # Less than two segments (MSS 65495): after the RTO (one-segment window) the go-back-N
+    # retransmission fills the gap below a probe taken from the end of the buffer.
+    data = bytes(range(250)) * 400
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            a_out, a_out_rx = trio.open_memory_channel[bytes](1)
+            b_out, b_out_rx = trio.open_memory_channel[bytes](64)
+            a_in_tx, a_in = trio.open_memory_channel[bytes](64)
+            b_in_tx, b_in = trio.open_memory_channel[bytes](64)
+            sa = NetStack(A, a_out)
+            sb = NetStack(B, b_out)
+            nursery.start_soon(gated, a_out_rx, b_in_tx)
+            nursery.start_soon(b_to_a, b_out_rx, a_in_tx)
+            await nursery.start(sa.run, a_in)
+            await nursery.start(sb.run, b_in)
+            gate.set()
+            client, server = await _pair(sa, sb, 7000)
+            key_of.append((A, client.local_address[1], B, 7000))
+            client.set_nodelay(True)
+            gate = trio.Event()  # A's packets stop: one in the pump, one in the channel
+            for small in (b"a", b"b", b"c"):  # in flight: the PTO is armed
+                await client.send_all(small * 10)
+                await trio.testing.wait_all_tasks_blocked()  # one packet each
+            # "a" waits in the pump, "b" in the channel, the writer waits with "c".
+            await client.send_all(data)  # queued: the waiting writer cannot output it
+            await trio.sleep(1.0)  # the PTO (and later RTO) fire meanwhile
+            gate.set()
+            got = bytearray()
+            await client.send_eof()
+            while chunk := await server.receive_some():
+                got += chunk
+            assert bytes(got) == b"a" * 10 + b"b" * 10 + b"c" * 10 + data
+            assert not beyond, beyond[:3]
+            nursery.cancel_scope.cancel()
+
+
+async def test_stalled_connection_is_reported_with_its_tcp_state(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Data in flight that nobody acknowledges (a black-holed link) is logged once, as a
+    warning naming both addresses and the sequence state; `connection_report` and
+    `log_report` show the same on demand."""
+    from norouter_trio.tcp import netstack as ns_mod
+
+    blackhole = False
+
+    def tap(packet: bytes) -> bytes | None:
+        return None if blackhole else packet
+
+    with trio.fail_after(120):
+        async with two_stacks(tap=[tap]) as (sa, sb, _):
+            assert sa in NetStack.running() and sb in NetStack.running()
+            client, server = await _pair(sa, sb, 7100)
+            blackhole = True
+            await client.send_all(b"z" * 5000)
+            caplog.set_level(logging.DEBUG, logger="norouter_trio.tcp.netstack")
+            await trio.sleep(3 * ns_mod.STALL_REPORT_AFTER)
+            stalls = [
+                r
+                for r in caplog.records
+                if "no acknowledgement" in r.getMessage() and r.levelno == logging.WARNING
+            ]
+            assert len(stalls) == 1, [r.getMessage() for r in stalls]
+            line = stalls[0].getMessage()
+            port = client.local_address[1]
+            assert f"{A}:{port}<->{B}:7100 ESTABLISHED" in line
+            assert "snd.una=" in line and "max=+5000" in line and "rto=+" in line
+            (report,) = sa.connection_report()
+            assert "sendq=5000" in report and "readers=0" in report
+            sb.log_report("test")
+            assert any(f"{B}:7100<->{A}:{port}" in r.getMessage() for r in caplog.records)
+            server.abort()
+            client.abort()
+    assert sa not in NetStack.running()

@@ -772,3 +772,27 @@ def test_tail_loss_probe_resends_the_last_segment_before_the_rto() -> None:
     b.handle_timer(t + 0.04)
     move(b, a, t + 0.04)
     assert a.snd_una == a.snd_max and a.get_timer() is None
+
+
+def test_rto_with_a_closed_window_probes_instead_of_resending() -> None:
+    # B's window closed while A still had data out, and the update reopening it was
+    # lost: A's RTO must probe (not push data past the window) and resume on the answer.
+    a, b = pair(cfg_a=TCPConfig(tail_loss_probe=False, max_retries=3))
+    a.set_nodelay(True)
+    a.send(b"x" * 100, 0.0)
+    (seg,) = a.segments_to_send(0.0)
+    zero = Segment(80, 40000, b.snd_nxt, seg.seq, ACK, 0)  # acks nothing, window 0
+    a.receive_segment(zero, 0.01)
+    assert a.snd_wnd == 0
+    for _ in range(5):  # more than max_retries: a live peer keeps answering
+        t = a.get_timer()
+        assert t is not None
+        a.handle_timer(t)
+        (probe,) = a.segments_to_send(t)
+        assert probe.seq == (a.snd_una - 1) & sq.MASK and not probe.payload
+        a.receive_segment(zero, t)
+    assert a.state is S.ESTABLISHED
+    a.receive_segment(Segment(80, 40000, b.snd_nxt, seg.seq, ACK, 1000), 9.0)
+    a.handle_timer(a.get_timer() or 9.0)
+    (again,) = [s for s in a.segments_to_send(9.0) if s.payload]
+    assert again.seq == seg.seq and again.payload == seg.payload

@@ -307,6 +307,7 @@ class _ProxyConnection:
         self.upstream: _Upstream | None = None
         self.answered = False  # the client has had (part of) a response to this request
         self.body_read = False  # the whole request body has been read from the client
+        self.spliced = False
 
     async def run(self) -> None:
         # One scope for the connection, armed only while waiting for a request (cheaper
@@ -322,7 +323,8 @@ class _ProxyConnection:
             log.debug("HTTP proxy: client connection ended: %s", exc or type(exc).__name__)
         finally:
             await self.drop_upstream()
-            await trio.aclose_forcefully(self.stream)
+            if not self.spliced:
+                await trio.aclose_forcefully(self.stream)
 
     async def serve(self, idle: trio.CancelScope) -> None:
         while True:
@@ -419,6 +421,7 @@ class _ProxyConnection:
         log.debug("HTTP proxy: CONNECT %s", format_host_port(host, port))
         early = bytes(self.buf)
         self.buf.clear()
+        self.spliced = True  # splice closes both streams
         await splice(self.stream, upstream, a_to_b_first=early)
 
     async def skip_body(self, request: _Request) -> None:

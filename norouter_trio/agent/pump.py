@@ -67,8 +67,8 @@ async def pump(src: trio.abc.ReceiveStream, dst: trio.abc.SendStream, *,
     call). When both sides are OS sockets only the receiving side is direct.
     """
     moved = 0
-    receive_some = src.receive_some
-    send_all = dst.send_all
+    receive_some: Callable[[int], Awaitable[bytes | bytearray]] = src.receive_some
+    send_all: Callable[[bytes | bytearray], Awaitable[None]] = dst.send_all
     if type(src) is trio.SocketStream:
         receive_some = _direct_receiver(src.socket.fileno())
     elif type(dst) is trio.SocketStream:
@@ -100,11 +100,11 @@ def _direct_receiver(fd: int) -> Callable[[int], Awaitable[bytes]]:
     return receive_some
 
 
-def _direct_sender(fd: int) -> Callable[[bytes], Awaitable[None]]:
+def _direct_sender(fd: int) -> Callable[[bytes | bytearray], Awaitable[None]]:
     write = os.write
     wait_writable = trio.lowlevel.wait_writable
 
-    async def send_all(data: bytes) -> None:
+    async def send_all(data: bytes | bytearray) -> None:
         view = memoryview(data)
         while view:
             try:

@@ -160,6 +160,7 @@ async def handle_socks_connection(stream: trio.abc.Stream, dialer: Dialer, *,
     reader = ByteReader(stream, chunk=4096)
     version = 0
     upstream: trio.abc.Stream | None = None
+    spliced = False  # splice closes both streams itself
     try:
         with trio.fail_after(handshake_timeout):
             (version,) = await reader.read_exactly(1)
@@ -181,7 +182,7 @@ async def handle_socks_connection(stream: trio.abc.Stream, dialer: Dialer, *,
             else:
                 await stream.send_all(socks5_reply(REP_SUCCEEDED, _bound_address(upstream)))
         log.debug("SOCKS%d: connected to %s:%d", version, host, port)
-        connected, upstream = upstream, None
+        connected, upstream, spliced = upstream, None, True
         await splice(stream, connected, a_to_b_first=reader.take_buffered())
     except SocksRefused as exc:
         log.info("%s", exc)
@@ -198,7 +199,8 @@ async def handle_socks_connection(stream: trio.abc.Stream, dialer: Dialer, *,
     finally:
         if upstream is not None:
             await trio.aclose_forcefully(upstream)
-        await trio.aclose_forcefully(stream)
+        if not spliced:
+            await trio.aclose_forcefully(stream)
 
 
 def _failure_reply(version: int) -> bytes:

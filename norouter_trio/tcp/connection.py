@@ -189,6 +189,7 @@ class TCPConnection:
         "_sbuf",
         "_sbuf_start",
         "_segs_unacked",
+        "_small_end",
         "_smss",
         "_snd_wscale",
         "_sndbufsize",
@@ -268,6 +269,7 @@ class TCPConnection:
         self._pass_mark = iss
         self._rexmit_log: list[tuple[int, int, int]] = []
         self._ltx = 0
+        self._small_end = iss
         self._rtt_seq: int | None = None
         self._rtt_time = 0.0
         self._retries = 0
@@ -715,8 +717,12 @@ class TCPConnection:
                 and in_flight > 0
                 and not fin_queued
                 and ((nxt - self.snd_max + HALF) & MASK) - HALF >= 0
+                and ((self._small_end - una + HALF) & MASK) - HALF > 0
             ):
-                break  # Nagle (RFC 9293 §3.7.4): one small segment in flight at a time
+                # Nagle (RFC 9293 §3.7.4) in Minshall's form: hold a small segment only
+                # while an earlier small one is unacknowledged, so the short tail of a
+                # bulk write is not held until a delayed ACK for the full ones.
+                break
             off = (nxt - base) & MASK
             with memoryview(sbuf) as mv:
                 payload = mv[off : off + n].tobytes()
@@ -729,6 +735,8 @@ class TCPConnection:
                     end = (end + 1) & MASK
             out.append(self._make(nxt, flags, payload, now))
             self._advance_snd_nxt(end, now)
+            if n < maxpay:
+                self._small_end = end
         if len(out) > sent_before and self.snd_una != self.snd_max:
             self._arm_pto(now)
 
@@ -805,12 +813,10 @@ class TCPConnection:
         una = self.snd_una
         nxt = self.snd_nxt
         flight = _sdiff(self.snd_max, una)
-        data_end = (self._sbuf_start + len(self._sbuf)) & MASK
         if (
             srtt is None
             or flight <= 0
             or nxt != self.snd_max
-            or _sdiff(data_end, nxt) > 0
             or self._retries  # after a timeout we are in loss recovery (§7.2)
             or self._tlp_out  # one probe until SND.UNA advances
             or not self.config.tail_loss_probe
@@ -825,15 +831,35 @@ class TCPConnection:
         self._pto_deadline = deadline if rto is None or deadline < rto else None
 
     def _on_pto(self, now: float) -> None:
-        """Send the tail loss probe: the last segment again (RFC 8985 §7.3)."""
+        """Send the tail loss probe (RFC 8985 §7.3): new data if the peer's window takes
+        it (cwnd notwithstanding), else the last segment sent, again."""
         if self.state not in SENDING or self.snd_una == self.snd_max:
             return
         base = self._sbuf_start
+        maxpay = self._max_payload()
         data_end = (base + len(self._sbuf)) & MASK
-        n = min(max(_sdiff(data_end, self.snd_una), 0), self._max_payload())
-        start = (data_end - n) & MASK
+        nxt = self.snd_nxt
+        unsent = _sdiff(data_end, nxt)
+        room = self.snd_wnd - _sdiff(nxt, self.snd_una)
+        if unsent > 0 and room > 0 and nxt == self.snd_max:
+            n = min(unsent, maxpay, room)
+            off = (nxt - base) & MASK
+            with memoryview(self._sbuf) as mv:
+                payload = mv[off : off + n].tobytes()
+            end = (nxt + n) & MASK
+            flags = ACK | PSH if n == unsent else ACK
+            if n == unsent and self._fin_queued and end == self._fin_seq:
+                flags |= FIN
+                end = (end + 1) & MASK
+            self._out.append(self._make(nxt, flags, payload, now))
+            self._advance_snd_nxt(end, now)
+            self._tlp_out = True
+            return
+        sent_end = data_end if unsent <= 0 else nxt
+        n = min(max(_sdiff(sent_end, self.snd_una), 0), maxpay)
+        start = (sent_end - n) & MASK
         flags = ACK
-        if self._fin_queued and _sdiff(self.snd_max, self._fin_seq) > 0:
+        if unsent <= 0 and self._fin_queued and _sdiff(self.snd_max, self._fin_seq) > 0:
             flags |= FIN
         elif n == 0:
             return
@@ -890,6 +916,14 @@ class TCPConnection:
         if self._retries > cfg.max_retries:
             self._give_up(now)
             return
+        if self.snd_wnd == 0:
+            # The peer closed its window with our data outstanding (and the update
+            # that reopened it may be lost): probe rather than resend beyond the window
+            # (RFC 9293 §3.8.6.1). A live peer's answer resets the retry count.
+            self._rto.backoff()
+            self._out.append(self._make((self.snd_una - 1) & MASK, ACK, b"", now))
+            self._rto_deadline = now + self._rto.rto
+            return
         flight = _sdiff(self.snd_max, self.snd_una)
         self._cc.on_timeout(self.snd_max, flight)
         self._rto.backoff()
@@ -942,7 +976,9 @@ class TCPConnection:
                     ):
                         # Every second segment (RFC 9293 §3.8.6.3), or at once when the
                         # sender has too little window left to send two more like it.
-                        self._ack_now = True
+                        # Queued now, not coalesced over a batch of input: a lone ACK
+                        # for many segments, if lost, leaves the sender nothing.
+                        self._out.append(self._make(self.snd_nxt, ACK, b"", now))
                     elif self._delack_deadline is None:
                         self._delack_deadline = now + self.config.delayed_ack
                     if flags & PSH:
@@ -1192,6 +1228,8 @@ class TCPConnection:
                 elif self._sack.ranges:
                     self._rexmit_budget += 1
         elif d == 0:
+            if seg.window == 0:
+                self._retries = 0  # a live peer with a closed window: keep probing
             news = False
             if seg.sack_blocks and self._sack_ok:
                 news = self._sack.add(seg.sack_blocks, una, self.snd_max)
@@ -1377,7 +1415,7 @@ class TCPConnection:
                 self._segs_unacked >= 2
                 or ((self._rcv_adv - rcv_nxt + HALF) & MASK) - HALF < 2 * plen
             ):
-                self._ack_now = True
+                self._out.append(self._make(self.snd_nxt, ACK, b"", now))
             elif self._delack_deadline is None:
                 self._delack_deadline = now + self.config.delayed_ack
             self._pushed = True  # only the slow path's rare callers get here; be prompt

@@ -17,8 +17,16 @@ Channel "full" behaviour (what we chose, and why it is safe):
   never waits on the outbound channel.
 - outbound full: the writer waits. Connections keep unsent data in their send buffers
   (bounded by `TCPConfig.send_buffer`); `send_all` waits for room; timers still fire.
+  So a timer can run a connection (`handle_timer`) holding data queued by `send()` that
+  no output has seen yet: the core must treat it as unsent (a tail loss probe taken from
+  it once put bytes beyond SND.MAX on the wire and stalled the connection for good).
 - a slow application reader: the receive buffer fills, the advertised window closes, the
   peer stops. Nothing grows without bound.
+
+Diagnostics: a connection whose data in flight stays unacknowledged for
+`STALL_REPORT_AFTER` seconds is logged once as a warning with its TCP state (sequence
+numbers, windows, buffers, timers, parked tasks); `NetStack.log_report()` logs every
+connection that way (the agent can call it on SIGUSR1 via `NetStack.running()`).
 
 Closing: `aclose()` (also what `async with stream` does when its scope is cancelled) is
 *graceful*: FIN after the queued data, as `shutdown(SHUT_WR)` + `close()` on a socket. If
@@ -35,8 +43,10 @@ import errno
 import logging
 import math
 import operator
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import ClassVar
 
 import trio
 from trio.lowlevel import ParkingLot, checkpoint
@@ -56,6 +66,7 @@ from norouter_trio.tcp.stack import (
     Address,
     Conn,
     Delivered,
+    Key,
     NewConnection,
     NewPending,
     PendingSyn,
@@ -65,6 +76,9 @@ from norouter_trio.tcp.stack import (
 log = logging.getLogger(__name__)
 
 DEFAULT_RECEIVE_SIZE = 65536
+#: Data in flight unacknowledged this long (no progress between two checks this far
+#: apart) gets the connection's state logged; see `NetStack._stall_watch`.
+STALL_REPORT_AFTER = 10.0
 READ_BATCH = 64  # inbound packets handled per scheduling slice
 
 __all__ = ["NetStack", "PendingConnection", "TCPListener", "TCPStream"]
@@ -157,6 +171,13 @@ def describe_connection(conn: Conn, st: _State | None, now: float) -> str:
 class NetStack:
     """The agent's user-space TCP/IPv4 stack, driven by bounded channels of L3 packets."""
 
+    _running: ClassVar[weakref.WeakSet[NetStack]] = weakref.WeakSet()
+
+    @classmethod
+    def running(cls) -> list[NetStack]:
+        """The stacks whose `run()` is active in this process (for a SIGUSR1 report)."""
+        return list(cls._running)
+
     def __init__(
         self,
         vip: str,
@@ -220,39 +241,49 @@ class NetStack:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                NetStack._running.add(self)
                 nursery.start_soon(self._writer)
-                import os  # P4-TEMP stall watch
-                if os.environ.get("NOROUTER_TRIO_STALL_WATCH"):
-                    nursery.start_soon(self._stall_watch, float(os.environ["NOROUTER_TRIO_STALL_WATCH"]))
+                nursery.start_soon(self._stall_watch)
                 task_status.started()
                 await self._reader(inbound)
                 log.debug("%s: inbound packets ended; stopping the stack", self.vip)
                 nursery.cancel_scope.cancel()
         finally:
+            NetStack._running.discard(self)
             self._nursery = None
             self._stopped = True
             self._break_everything()
 
-    async def _stall_watch(self, interval: float) -> None:  # P4-TEMP
-        last: dict[object, tuple[int, int, int, int]] = {}
+    async def _stall_watch(self) -> None:
+        """Report connections whose data in flight stays unacknowledged (the RTO keeps
+        firing) with their full TCP state: the first report is a warning, later ones
+        are debug. A stall then explains itself in the log instead of as a timeout."""
+        last: dict[Key, tuple[int, int]] = {}
+        reported: set[Key] = set()
         while True:
-            await trio.sleep(interval)
-            seen = {}
-            stalled = []
-            for conn in list(self._stack.connections.values()):
-                t = conn.tcp
-                sig = (t.snd_una, t.rcv_nxt, t.readable_bytes, t.bytes_in_send_buffer)
-                seen[conn.key] = sig
-                busy = t.state.value != "TIME-WAIT"
-                if busy and last.get(conn.key) == sig:
-                    stalled.append(conn)
-            last = seen
-            if stalled:
-                now = trio.current_time()
-                log.warning("%s: STALL %d connection(s) %s", self.vip, len(stalled), self.snapshot())
-                for conn in stalled:
+            await trio.sleep(STALL_REPORT_AFTER)
+            now = trio.current_time()
+            seen: dict[Key, tuple[int, int]] = {}
+            for key, conn in list(self._stack.connections.items()):
+                tcp = conn.tcp
+                progress = (tcp.snd_una, tcp.rcv_nxt)
+                seen[key] = progress
+                if tcp.snd_una == tcp.snd_max or last.get(key) != progress:
+                    reported.discard(key)
+                    continue
+                level = logging.DEBUG if key in reported else logging.WARNING
+                if log.isEnabledFor(level):
                     st = conn.owner
-                    log.warning("%s: STALL %s", self.vip, describe_connection(conn, st if isinstance(st, _State) else None, now))
+                    log.log(
+                        level,
+                        "%s: no acknowledgement for %.0f s: %s",
+                        self.vip,
+                        STALL_REPORT_AFTER,
+                        describe_connection(conn, st if isinstance(st, _State) else None, now),
+                    )
+                reported.add(key)
+            last = seen
+            reported &= seen.keys()
 
     def _require_running(self) -> trio.Nursery:
         if self._nursery is None:
