@@ -346,7 +346,9 @@ def main() -> int:
             rows.append((name, fmt(v), fmt(d), ratio(v, d), usage))
             per_op.append((*ops(v), usage))
 
-        pct = lambda v, d: f"{v / d * 100:.1f} %"  # noqa: E731
+        def pct(v: float, d: float) -> str:
+            return f"{v / d * 100:.1f} %"
+
         if a.only in (None, "bulk"):
             mb = ("MB, 1 conn", bulk_bytes / 1e6)
             measure("bulk MB/s, 1 conn", lambda ad: bulk(ad, bulk_bytes, 1), 0,

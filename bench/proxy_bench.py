@@ -1,7 +1,8 @@
 """What the HTTP and SOCKS5 proxies cost against loopback mode, through a real manager.
 
     python bench/proxy_bench.py [--quick] [--requests 1000] [--bulk-mb 64] [--rounds 3]
-                                [--keepalive] [--profile FILE.prof]
+                                [--keepalive | --only-keepalive] [--paths loopback,http,...]
+                                [--profile FILE.prof]
 
 Setup (all on this machine, no root): an HTTP origin (a subprocess, a thread per
 connection, blocking sockets: ~50 us a request, not the bottleneck); a manifest with two
@@ -20,7 +21,9 @@ request, whole response, close): requests/s, p50/p99 latency; one 64 MiB downloa
 and how many responses were cut short (fewer body bytes than Content-Length, or an error).
 Rounds interleave the paths so load from elsewhere hits them alike; each metric is the
 median over rounds, and each path is shown against loopback mode of the same run.
-`--keepalive` adds the same with one connection for all N requests.
+`--keepalive` adds the same with one connection for all N requests. Also shown: the CPU
+time per request of agent A (where the proxies run) and of manager + both agents, read
+from /proc: on a loaded machine it is steadier than the wall-clock figures.
 
 `--profile FILE` runs agent A under cProfile and writes FILE when the run ends
 (`python -m pstats FILE`, then `sort tottime`, `stats 30`).

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from norouter_trio import __version__
 from norouter_trio.agent import features
@@ -271,3 +272,73 @@ async def test_stdout_writer_batches_queued_packets() -> None:
     event = b'{"type":"event","body":{"type":"routeSuggestion","data":{"ip":["198.18.0.1"],' \
             b'"route":"127.0.42.101"}}}'
     assert data == frame(2, event) + b"".join(frame(1, p) for p in pkts)
+
+
+async def test_stdout_writer_waits_for_room_and_keeps_order() -> None:
+    """More than a small pipe holds: writev's partial writes and EAGAIN lose nothing."""
+    from norouter_trio.agent.main import Agent, raise_pipe_size
+
+    r, w = os.pipe()
+    raise_pipe_size(w, 4096)  # shrink it (best effort) so the writer must wait
+    os.set_blocking(w, False)
+    agent = Agent(-1, w)
+    pkts = [packet("127.0.42.101", "127.0.42.100", bytes(3000) + b"%d" % i) for i in range(100)]
+    for p in pkts:
+        agent._out_send.send_nowait(p)
+    expected = b"".join(frame(1, p) for p in pkts)
+    agent._out_send.close()
+    agent._wake.close()  # no sender left: the writer ends after the last packet
+    got = bytearray()
+    reader = trio.lowlevel.FdStream(r)
+    try:
+        with trio.fail_after(WAIT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(agent._write_stdout, w)
+                while len(got) < len(expected):
+                    data = await reader.receive_some(1 << 16)
+                    assert data
+                    got += data
+    finally:
+        await reader.aclose()
+        os.close(w)
+    assert bytes(got) == expected
+    assert agent.counters["frames_out"] == len(pkts)
+
+
+async def test_stdin_reader_bounds_the_inbound_queue_in_bytes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The data plane not taking packets stops the reader at INBOUND_BYTES queued (not
+    at 1024 packets); taking them lets every packet through, in order."""
+    from norouter_trio.agent import main as agent_main
+
+    budget = 64 * 1024
+    monkeypatch.setattr(agent_main, "INBOUND_BYTES", budget)
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    agent = agent_main.Agent(r, -1)
+    agent.configured = agent_main.parse_init_config('{"me": "127.0.42.101"}')
+    pkts = [packet("127.0.42.100", "127.0.42.101", bytes(8000) + b"%d" % i) for i in range(40)]
+    writer = trio.lowlevel.FdStream(w)
+
+    async def feed() -> None:
+        await writer.send_all(b"".join(frame(1, p) for p in pkts))
+        await writer.aclose()  # EOF: the reader returns once everything is handed over
+
+    got: list[bytes] = []
+    try:
+        with trio.fail_after(WAIT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(agent._read_stdin, r)
+                nursery.start_soon(feed)
+                await trio.testing.wait_all_tasks_blocked()
+                queued = agent._in_send.statistics().current_buffer_used
+                assert 0 < queued < len(pkts)
+                while len(got) < queued:
+                    got.append(agent._in_recv.receive_nowait())
+                assert sum(map(len, got)) <= budget
+                while len(got) < len(pkts):
+                    got.append(await agent._in_recv.receive())
+    finally:
+        os.close(r)
+    assert got == pkts
+    assert agent.exit_code == 0

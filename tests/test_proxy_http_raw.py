@@ -266,3 +266,17 @@ def test_uri_fast_path_agrees_with_urlsplit(scheme: str, host: str, port: int | 
     expected_path = (parts.path or "/") + ("?" + parts.query if parts.query else "")
     assert parse_absolute_uri(uri.encode()) == (
         parts.hostname, parts.port or 80, parts.netloc, expected_path.encode())
+
+
+async def test_an_origin_sending_length_and_chunked_is_read_as_chunked() -> None:
+    async def both(stream: trio.SocketStream, head: bytes) -> None:
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n"
+                              b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+
+    async with origin(both) as (port, *_), http_proxy(
+            make_dialer(FakeStack(), OSDialer())) as proxy:
+        answer = await raw_exchange(proxy, f"GET http://127.0.0.1:{port}/ HTTP/1.1\r\n"
+                                           "Host: x\r\nConnection: close\r\n\r\n".encode())
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"content-length" not in head.lower()
+    assert body == b"2\r\nok\r\n0\r\n\r\n"

@@ -31,7 +31,7 @@ def _finish(link) -> None:  # type: ignore[no-untyped-def]
 
 
 @settings(
-    max_examples=25,
+    max_examples=60,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )

@@ -99,29 +99,34 @@ class _Wire:
 
 
 def _probe_with_data_queued_behind_it(
-    a: TCPConnection, b: TCPConnection
-) -> tuple[float, list[Segment]]:
-    """A small write in flight arms the PTO; the application then queues a large write
-    that the output has not run for yet when the PTO fires (what the trio layer's timer
-    task can do while its writer waits on a full outbound channel)."""
+    a: TCPConnection, big: bytes, *, then_rto: bool = False
+) -> tuple[float, list[Segment], list[Segment]]:
+    """A small write in flight arms the PTO; the application then queues `big`, and the
+    PTO (and with `then_rto` the RTO too) fires before any output ran for it: what the
+    trio layer's timer task does while its writer waits on a full outbound channel.
+
+    Returns the time, the small write's segments and everything sent after the timers.
+    """
     now = 0.1
-    assert a.send(b"x" * 10, now) == 10
+    assert a.send(b"a" * 10, now) == 10
     first = a.segments_to_send(now)
     assert len(first) == 1 and len(first[0].payload) == 10
     pto = a.get_timer()
     assert pto is not None and pto < now + 1.0, "no tail loss probe armed"
-    big = bytes(range(256)) * 2000  # 512000 bytes
-    assert a.send(big, now) == len(big)  # queued only: no segments_to_send before the PTO
+    assert a.send(big, now) == len(big)  # queued only: no segments_to_send yet
     a.handle_timer(pto)
-    out = a.segments_to_send(pto)
-    for seg in first:
-        b.receive_segment(seg, pto)
-    return pto, out
+    now = pto
+    if then_rto:
+        rto = a.get_timer()
+        assert rto is not None
+        a.handle_timer(rto)
+        now = rto
+    return now, first, a.segments_to_send(now)
 
 
 def test_tail_loss_probe_never_sends_beyond_snd_max() -> None:
-    a, b = _pair()
-    _, out = _probe_with_data_queued_behind_it(a, b)
+    a, _ = _pair()
+    _, _, out = _probe_with_data_queued_behind_it(a, bytes(range(256)) * 2000)
     for seg in out:
         assert sq.seq_le(_end(seg), a.snd_max), (
             f"probe {seg.seq}..{_end(seg)} carries bytes beyond SND.MAX {a.snd_max}"
@@ -129,16 +134,18 @@ def test_tail_loss_probe_never_sends_beyond_snd_max() -> None:
 
 
 def test_queued_data_behind_a_tail_loss_probe_is_delivered() -> None:
-    """The end-to-end symptom: without the fix the receiver ACKs beyond SND.MAX, the
-    sender drops those ACKs and the transfer stalls until the retry limit."""
+    """The end-to-end symptom. Less than two segments (MSS 65495) are queued; after the
+    RTO (one-segment window) the go-back-N retransmission fills the gap below a probe
+    taken from the end of the buffer, so the receiver ACKs beyond SND.MAX: the sender
+    drops that ACK and the transfer stalls until the retry limit."""
     a, b = _pair()
-    now, out = _probe_with_data_queued_behind_it(a, b)
+    big = bytes(range(250)) * 400
+    now, first, out = _probe_with_data_queued_behind_it(a, big, then_rto=True)
     wire = _Wire(a, b)
-    wire.received += b.read(1 << 20, now)
-    for seg in out:
+    for seg in first + out:
         b.receive_segment(seg, now)
     a.shutdown_write(now)
     wire.run(now, now + 30.0)
-    assert bytes(wire.received) == b"x" * 10 + bytes(range(256)) * 2000
+    assert bytes(wire.received) == b"a" * 10 + big
     assert a.bytes_in_send_buffer == 0
     assert b.eof_received

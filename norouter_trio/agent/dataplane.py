@@ -159,8 +159,14 @@ class DataPlane:
         if debug:
             log.debug("%s: %s %s: open", self.label, kind, desc())
         for s in (a, b):
-            # A relay forwards what it gets at once: the sender already chose the segments,
-            # and Nagle here would add a round trip to every small exchange.
+            # No Nagle in a relay (TCP_NODELAY on the OS side: trio's SocketStream sets
+            # it; set_nodelay on the stack side). The bytes come already segmented by
+            # the real sender, whose own stack applied Nagle or not as its application
+            # chose; a second Nagle here would hold each small write while an earlier
+            # one is unacknowledged, and that ACK may itself wait for the far side's
+            # delayed-ACK timer (TCPConfig.delayed_ack, 40 ms): up to 40 ms per
+            # request/response exchange that writes twice (headers then body). Nagle
+            # stays on for the stack's own writers (DNS, proxies), as the spec says.
             set_nodelay = getattr(s, "set_nodelay", None)
             if set_nodelay is not None:
                 set_nodelay(True)

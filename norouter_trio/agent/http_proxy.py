@@ -156,9 +156,10 @@ def hop_by_hop(headers: Headers) -> tuple[frozenset[bytes], bool]:
     return _HOP_BY_HOP | named, b"close" in named
 
 
-def body_framing(headers: Headers) -> tuple[bool, int | None, bool]:
+def body_framing(headers: Headers, *, strict: bool = True) -> tuple[bool, int | None, bool]:
     """(chunked, content length, other transfer coding) of a message; ValueError when
-    Content-Length is malformed, conflicting, or given beside Transfer-Encoding."""
+    Content-Length is malformed or conflicting, or (`strict`, for requests: a smuggling
+    risk) given beside Transfer-Encoding. Otherwise Transfer-Encoding wins (length None)."""
     codings: list[bytes] = []
     length: int | None = None
     for name, value in headers:
@@ -174,7 +175,7 @@ def body_framing(headers: Headers) -> tuple[bool, int | None, bool]:
                     raise ValueError("conflicting Content-Length values")
                 length = int(item)
     if codings:
-        if length is not None:
+        if length is not None and strict:
             raise ValueError("both Content-Length and Transfer-Encoding")
         return codings[-1] == b"chunked", None, codings != [b"chunked"]
     return False, length, False
@@ -608,11 +609,13 @@ class _ProxyConnection:
                 if m is None:
                     raise ValueError(f"bad status line {lines[0][:80]!r}")
                 headers = parse_headers(lines[1:])
-                chunked, length, other = body_framing(headers)
+                chunked, length, other = body_framing(headers, strict=False)
             except ValueError as exc:
                 raise _UpstreamFailed(f"bad response: {exc}", started=self.answered) from None
             status = int(m[2])
             skip, up_close = hop_by_hop(headers)
+            if chunked or other:
+                skip |= {b"content-length"}  # Transfer-Encoding wins (RFC 9112 §6.3)
             if status >= 200:
                 break
             if status != 101 and request.http11:  # 100 Continue and friends

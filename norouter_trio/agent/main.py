@@ -18,7 +18,7 @@ import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -73,6 +73,12 @@ _IOV_MAX = _iov_max()
 
 _L3_HEAD = (frames.MAGIC << 24) | 4
 _pack_header = struct.Struct(">IHH").pack
+
+
+class ByteSink(Protocol):
+    """Where the stdout writer's frames go when not straight to a descriptor (tests)."""
+
+    async def send_all(self, data: bytes) -> None: ...
 
 
 @dataclass
@@ -307,7 +313,7 @@ class Agent:
                  ",".join(features_mod.features()) or "none")
         return None
 
-    async def _write_stdout(self, out: int | trio.abc.SendStream) -> None:
+    async def _write_stdout(self, out: int | ByteSink) -> None:
         """Frame the queued packets and control frames into few writes.
 
         Writes at once what is queued (up to WRITE_BATCH_BYTES); a small batch first lets

@@ -705,7 +705,12 @@ class TCPConnection:
             if n < unsent and n < maxpay:
                 # Sender SWS avoidance (RFC 9293 §3.8.6.2.1): wait for a useful window,
                 # unless the persist timer ran out (the "override timeout").
-                if n < (self.max_snd_wnd >> 1) and not self._force_small:
+                # Data below SND.MAX (resent after a timeout) was sent before: no waiting.
+                if (
+                    n < (self.max_snd_wnd >> 1)
+                    and not self._force_small
+                    and ((nxt - self.snd_max + HALF) & MASK) - HALF >= 0
+                ):
                     if in_flight == 0:
                         self._arm_persist(now)
                     break
@@ -1235,6 +1240,7 @@ class TCPConnection:
                 news = self._sack.add(seg.sack_blocks, una, self.snd_max)
             if (
                 self.snd_max != una
+                and seg.window  # answers to window probes are not loss signals
                 and not seg.payload
                 and not seg.flags & FIN
                 and ((seg.window << self._snd_wscale) == self.snd_wnd or news)
