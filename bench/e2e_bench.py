@@ -9,7 +9,10 @@ mode: the client connects to the real 127.0.99.2:PORT) and "srv" (started throug
 sequential new-connection HTTP GETs per second, 1-byte echo round trips (p50/p99), and the
 RSS and CPU of every process at rest and under load. CPU use per phase shows which process
 limits a figure (one at ~100 % of a core is the bottleneck), and the time each spent
-runnable but waiting for a CPU shows what the machine's other load cost. --profile DIR
+runnable but waiting for a CPU shows what the machine's other load cost. The "per
+operation" table divides each process's CPU time and context switches (about one per
+wake-up) by the operations of the phase: figures that depend little on the machine's
+load, unlike the rates, and that show what each change saves. --profile DIR
 also runs the manager and the srv agent under cProfile and prints their top functions.
 """
 

@@ -353,6 +353,7 @@ class Result:
     cut: int
     cpu_a: float  # agent A's CPU per request, microseconds
     cpu_all: float  # manager + agents
+    cpu_mib: float  # agent A's CPU per MiB of the bulk download, milliseconds
 
 
 def _one_request(path: Path_) -> float:
@@ -393,8 +394,9 @@ def measure(net: Network, path: Path_, requests: int, bulk: int,
     cpu1 = net.cpu()
     if keepalive:
         sock.close()
-    mbs = float("nan")
+    mbs = cpu_mib = float("nan")
     if bulk:
+        cpu2 = net.cpu()
         t0 = time.perf_counter()
         try:
             sock, buf = path.open()
@@ -402,6 +404,7 @@ def measure(net: Network, path: Path_, requests: int, bulk: int,
                 sock.sendall(path.request(bulk, True))
                 read_response(sock, buf)
             mbs = bulk / (time.perf_counter() - t0) / 1e6
+            cpu_mib = (net.cpu()[0] - cpu2[0]) / (bulk / 2**20) * 1e3
         except (CutShort, OSError) as exc:
             cut += 1
             print(f"  {path.name}: bulk cut short: {exc}", file=sys.stderr)
@@ -412,7 +415,7 @@ def measure(net: Network, path: Path_, requests: int, bulk: int,
                   p50=statistics.median(latencies) * 1e3,
                   p99=latencies[max(0, int(len(latencies) * 0.99) - 1)] * 1e3,
                   mbs=mbs, cut=cut, cpu_a=(cpu1[0] - cpu0[0]) / requests * 1e6,
-                  cpu_all=(cpu1[1] - cpu0[1]) / requests * 1e6)
+                  cpu_all=(cpu1[1] - cpu0[1]) / requests * 1e6, cpu_mib=cpu_mib)
 
 
 def run_table(net: Network, paths: list[Path_], requests: int, bulk: int, rounds: int,
@@ -431,7 +434,8 @@ def run_table(net: Network, paths: list[Path_], requests: int, bulk: int, rounds
                         mbs=statistics.median(r.mbs for r in rs),
                         cut=sum(r.cut for r in rs),
                         cpu_a=statistics.median(r.cpu_a for r in rs),
-                        cpu_all=statistics.median(r.cpu_all for r in rs))
+                        cpu_all=statistics.median(r.cpu_all for r in rs),
+                        cpu_mib=statistics.median(r.cpu_mib for r in rs))
            for name, rs in runs.items()}
     base = med.get("loopback") or next(iter(med.values()))
     how = "one keep-alive connection" if keepalive else "a new connection per request"
@@ -439,13 +443,14 @@ def run_table(net: Network, paths: list[Path_], requests: int, bulk: int, rounds
           f"{f'one {bulk >> 20} MiB download; ' if bulk else ''}"
           f"median of {rounds} round(s); cut short counted over all "
           f"{rounds * (requests + 1)} responses per path")
-    print("(CPU: microseconds per request of agent A alone / of manager + both agents)")
+    print("(CPU A / CPU all: microseconds per request of agent A / of manager + both agents;"
+          " A ms/MiB: agent A's CPU per MiB of the download)")
     print(f"{'path':<12}{'req/s':>8}{'vs loop':>9}{'p50 ms':>9}{'p99 ms':>9}"
-          f"{'MB/s':>8}{'vs loop':>9}{'cut':>5}{'CPU A':>8}{'CPU all':>9}")
+          f"{'MB/s':>8}{'vs loop':>9}{'cut':>5}{'CPU A':>8}{'CPU all':>9}{'A ms/MiB':>10}")
     for name, r in med.items():
         print(f"{name:<12}{r.rate:>8.0f}{r.rate / base.rate - 1:>+9.0%}{r.p50:>9.2f}"
               f"{r.p99:>9.2f}{r.mbs:>8.0f}{r.mbs / base.mbs - 1:>+9.0%}{r.cut:>5d}"
-              f"{r.cpu_a:>8.0f}{r.cpu_all:>9.0f}")
+              f"{r.cpu_a:>8.0f}{r.cpu_all:>9.0f}{r.cpu_mib:>10.1f}")
 
 
 def main() -> None:

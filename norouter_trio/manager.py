@@ -271,9 +271,6 @@ class _TeePipe:
             raise OSError(err, os.strerror(err))
         return int(n)
 
-    def read(self, n: int) -> bytes:
-        return _read_exactly(self.r, n)
-
     def discard(self, n: int) -> None:
         while n > 0:
             moved = os.splice(self.r, self.null, n, flags=_SPLICE_FLAGS)
@@ -706,10 +703,10 @@ class Manager:
                 stdin.acquire_nowait()
                 try:
                     await stdin.write(parts)
+                    h.frames_out += count
+                    h.bytes_out += size
                 finally:
                     stdin.release()
-                h.frames_out += count
-                h.bytes_out += size
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             if not h.terminating:
                 log.debug("%s: stdin closed (%s)", h.label, e)

@@ -3,6 +3,12 @@
 Time is virtual: `Link.step()` jumps to the next delivery or timer deadline, so a test of
 seconds of TCP time runs in milliseconds and every deadline is exact. `Peer` is a tiny
 application on each side (bulk sender, collector of what arrives, event log).
+
+Faults (`LinkFaults`): random drop, duplication, extra delay (reordering) and jitter, and
+optionally a FIFO bottleneck (`rate` bytes/s behind a `queue_limit`-segment tail-drop
+queue) to exercise congestion control. Everything draws from one seeded `random.Random`,
+so a failing case replays exactly. Segments due at the same instant are delivered as a
+batch before either side's output is collected, as the trio layer does.
 """
 
 from __future__ import annotations

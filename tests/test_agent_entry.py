@@ -257,7 +257,8 @@ async def test_stdout_writer_batches_queued_packets() -> None:
 
     agent = Agent(-1, -1)
     link_out = agent._out_send
-    pkts = [packet("127.0.42.101", "127.0.42.100", b"p%d" % i) for i in range(200)]
+    n = link_out.statistics().max_buffer_size  # as many as the channel holds
+    pkts = [packet("127.0.42.101", "127.0.42.100", b"p%d" % i) for i in range(int(n))]
     for p in pkts:
         link_out.send_nowait(p)
     agent.send_event(RouteSuggestion(ip=["198.18.0.1"], route="127.0.42.101"))
@@ -267,7 +268,7 @@ async def test_stdout_writer_batches_queued_packets() -> None:
         with trio.fail_after(WAIT):
             await stream.wrote.wait()
         nursery.cancel_scope.cancel()
-    assert len(stream.writes) == 1  # 200 packets and the event: one write
+    assert len(stream.writes) == 1  # all queued packets and the event: one write
     data = stream.writes[0]
     event = b'{"type":"event","body":{"type":"routeSuggestion","data":{"ip":["198.18.0.1"],' \
             b'"route":"127.0.42.101"}}}'
@@ -283,17 +284,21 @@ async def test_stdout_writer_waits_for_room_and_keeps_order() -> None:
     os.set_blocking(w, False)
     agent = Agent(-1, w)
     pkts = [packet("127.0.42.101", "127.0.42.100", bytes(3000) + b"%d" % i) for i in range(100)]
-    for p in pkts:
-        agent._out_send.send_nowait(p)
     expected = b"".join(frame(1, p) for p in pkts)
-    agent._out_send.close()
-    agent._wake.close()  # no sender left: the writer ends after the last packet
+
+    async def produce() -> None:  # more than the channel holds: waits for the writer
+        for p in pkts:
+            await agent._out_send.send(p)
+        agent._out_send.close()
+        agent._wake.close()  # no sender left: the writer ends after the last packet
+
     got = bytearray()
     reader = trio.lowlevel.FdStream(r)
     try:
         with trio.fail_after(WAIT):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(agent._write_stdout, w)
+                nursery.start_soon(produce)
                 while len(got) < len(expected):
                     data = await reader.receive_some(1 << 16)
                     assert data

@@ -8,6 +8,7 @@ import functools
 import hashlib
 import os
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -167,7 +168,7 @@ async def test_listen_error_names_address_and_remedy() -> None:
 def test_bsd_hint(monkeypatch: pytest.MonkeyPatch) -> None:
     from norouter_trio.agent import dataplane
 
-    monkeypatch.setattr(dataplane.sys, "platform", "darwin")
+    monkeypatch.setattr(sys, "platform", "darwin")  # the module dataplane reads it from
     e = OSError(errno.EADDRNOTAVAIL, "Can't assign requested address")
     text = str(dataplane.listen_error("127.0.42.102", 80, "loopback mode", e))
     assert "sudo ifconfig lo0 alias 127.0.42.102" in text

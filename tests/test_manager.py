@@ -8,6 +8,7 @@ observers: the tests see the switch's decisions end to end.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -17,7 +18,6 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -427,28 +427,31 @@ async def test_a_splice_into_a_full_pipe_hands_the_rest_to_the_queue(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """The switch's reader and writer on bare pipes: b's agent reads nothing at first, so
     the splice of a run of large frames fills its pipe, waits, and leaves the rest of the
-    run (cut anywhere) to b's writer, which sends it before anything queued after it."""
+    run (cut anywhere) to b's writer, which sends it first."""
     monkeypatch.setattr(manager_mod, "SPLICE_WAIT", WAIT)  # no race with the writer
     monkeypatch.setattr(manager_mod, "BACKPRESSURE_WAIT", 0.1)
+    monkeypatch.setattr(manager_mod, "READ_SIZE", 1 << 17)  # the first read ends mid-frame
     text = f"hosts:\n  a: {{vip: {A}, cmd: [x]}}\n  b: {{vip: {B}, cmd: [x]}}\n"
     manager = Manager(load_manifest(text))
     a, b = manager.host("a"), manager.host("b")
     a_out_r, a_out_w = os.pipe()
     b_in_r, b_in_w = os.pipe()
-    for fd in (a_out_r, b_in_w):
-        manager_mod._raise_pipe_size(fd)
+    manager_mod._raise_pipe_size(a_out_r)
+    fcntl.fcntl(b_in_w, manager_mod.F_SETPIPE_SZ, 1 << 18)  # b's pipe takes 4 frames
     b.stdin = manager_mod.Pipe(b_in_w)
     b.send, recv = trio.open_memory_channel[tuple[list[bytes | memoryview], int, int]](64)
     manager._live[ip_bytes(B)] = b
-    count = 40
+    count = 15
     data = b"".join(l3_frame(A, B, i, 65535) for i in range(count))
     got: list[int] = []
+    # All of it is in a's pipe before the reader starts: its first read ends inside the
+    # second frame, whose rest is in the pipe, so it splices and stays in splice mode; the
+    # next run (13 frames) fills b's pipe.
+    assert os.write(a_out_w, data) == len(data)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(manager._writer, b, recv)
             nursery.start_soon(manager._reader, a, manager_mod.Pipe(a_out_r), trio.Event())
-            writer = threading.Thread(target=lambda: os.write(a_out_w, data))  # blocks: 2.6 MB
-            writer.start()
             with trio.fail_after(WAIT):  # the splice gave up waiting for room
                 while "b(127.0.42.102): its queue stays full" not in caplog.text:
                     await trio.sleep(0.01)
@@ -461,7 +464,8 @@ async def test_a_splice_into_a_full_pipe_hands_the_rest_to_the_queue(
                     for ftype, payload in decoder.feed(os.read(b_in_r, 1 << 20)):
                         assert ftype == TYPE_L3 and len(payload) == 65535
                         got.append(struct.unpack(">I", payload[20:24])[0])
-            await trio.to_thread.run_sync(writer.join)
+                while b.stdin.busy:  # the writer counts what it wrote
+                    await b.stdin.wait_released()
             nursery.cancel_scope.cancel()
     finally:
         for fd in (a_out_w, b_in_r):

@@ -244,7 +244,7 @@ async def test_ambiguous_request_framing_is_refused(headers: bytes, status: byte
     assert stack.calls == []
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(scheme=st.sampled_from(["http", "HTTP", "Http"]),
        host=st.from_regex(r"[A-Za-z0-9][-A-Za-z0-9.]{0,20}", fullmatch=True),
        port=st.one_of(st.none(), st.integers(min_value=1, max_value=65535)),
@@ -280,3 +280,15 @@ async def test_an_origin_sending_length_and_chunked_is_read_as_chunked() -> None
     head, _, body = answer.partition(b"\r\n\r\n")
     assert b"content-length" not in head.lower()
     assert body == b"2\r\nok\r\n0\r\n\r\n"
+
+
+@pytest.mark.parametrize("name", ["l" * 64 + ".test", ("a" * 60 + ".") * 5 + "com",
+                                  "a..b"], ids=["long-label", "long-name", "empty-label"])
+async def test_names_no_resolver_takes_are_refused_by_the_dialer(name: str) -> None:
+    from norouter_trio.agent.dialer import DialError
+
+    os_dialer = OSDialer()
+    with pytest.raises(DialError) as info:
+        await make_dialer(FakeStack(), os_dialer).dial(name, 80)
+    assert info.value.code == "resolve" and "not a valid host name" in str(info.value)
+    assert os_dialer.calls == []

@@ -244,6 +244,10 @@ class Dialer:
         vip = self.hostname_map.get(name)
         if vip is not None:
             return await self._via_stack(name, vip, port)
+        if len(name) > 253 or any(not 0 < len(label) < 64 for label in name.split(".")):
+            # No resolver takes it (RFC 1035 §2.3.4); say so rather than fail inside one.
+            raise DialError(name, port, "not a valid host name (labels of 1 to 63 bytes, "
+                            "at most 253 in all)", "resolve")
         via = self.route_for_name(name)
         if via is not None:
             try:
@@ -284,6 +288,8 @@ class Dialer:
         except OSError as exc:
             code, reason = _classify_os_error(exc)
             raise DialError(name, port, reason, code) from None
+        except UnicodeError as exc:  # the resolver's IDNA encoding refused the name
+            raise DialError(name, port, f"name not resolved ({exc})", "resolve") from None
 
     # -- routed names -----------------------------------------------------------------
 

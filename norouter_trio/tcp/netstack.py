@@ -276,7 +276,7 @@ class NetStack:
                     st = conn.owner
                     log.log(
                         level,
-                        "%s: no acknowledgement for %.0f s: %s",
+                        "%s: no acknowledgement for at least %.0f s: %s",
                         self.vip,
                         STALL_REPORT_AFTER,
                         describe_connection(conn, st if isinstance(st, _State) else None, now),
