@@ -347,3 +347,44 @@ async def test_stdin_reader_bounds_the_inbound_queue_in_bytes(
         os.close(r)
     assert got == pkts
     assert agent.exit_code == 0
+
+
+def test_sigusr1_logs_the_stack_report() -> None:
+    """`kill -USR1` on an agent logs its stack's counters and connections, then it goes on."""
+    import select
+    import signal
+    import time
+
+    init = json.dumps({"me": "127.0.42.101", "loopback": {"disable": True},
+                       "stateDir": {"disable": True}})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "norouter_trio", "agent", "--automated",
+         "--debug-init-config", init],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.stderr is not None and proc.stdin is not None
+    seen = b""
+
+    def wait_for(word: bytes) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + WAIT
+        while word not in seen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"{word!r} not logged; stderr so far: {seen.decode()!r}"
+            ready, _, _ = select.select([proc.stderr], [], [], left)
+            if ready:
+                chunk = os.read(proc.stderr.fileno(), 65536)  # type: ignore[union-attr]
+                assert chunk, f"agent exited early; stderr: {seen.decode()!r}"
+                seen += chunk
+
+    try:
+        wait_for(b"data plane up")
+        proc.send_signal(signal.SIGUSR1)
+        wait_for(b"stack report (SIGUSR1)")
+        assert proc.poll() is None
+        proc.stdin.close()
+        assert proc.wait(timeout=WAIT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -202,6 +202,24 @@ class Agent:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, handler)
 
+        def report(_signum: int, _frame: Any) -> None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(self._report_stacks)
+
+        if hasattr(signal, "SIGUSR1"):
+            signal.signal(signal.SIGUSR1, report)
+
+    def _report_stacks(self) -> None:
+        """SIGUSR1: log every connection's TCP state, to see which side a stalled transfer
+        waits for (`kill -USR1 PID`; the lines reach the manager's log)."""
+        from norouter_trio.tcp.netstack import NetStack
+
+        stacks = NetStack.running()
+        if not stacks:
+            log.warning("agent %s: SIGUSR1: no network stack running yet", self._label())
+        for stack in stacks:
+            stack.log_report("SIGUSR1")
+
     def _label(self) -> str:
         return self.configured.me if self.configured is not None else "(unconfigured)"
 
@@ -476,8 +494,9 @@ def run_agent(*, init_config: str | None = None) -> int:
         log.debug("traceback:", exc_info=True)
         return 1
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_DFL)
+        for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+            if sig is not None:
+                signal.signal(sig, signal.SIG_DFL)
         for fd in (in_fd, out_fd):
             with contextlib.suppress(OSError):
                 os.set_blocking(fd, True)
