@@ -15,6 +15,7 @@ import ipaddress
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from typing import Any
 
 import pytest
@@ -433,8 +434,7 @@ async def _curl(*args: str) -> str:
     return out.stdout.decode()
 
 
-async def test_end_to_end_through_two_netstacks(outside: OriginServer, tmp_path: Any,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_end_to_end_through_two_netstacks(outside: OriginServer, tmp_path: Any) -> None:
     """Agent A (127.0.42.100) runs the proxies; agent B (127.0.42.101, "web") runs the
     DNS, a forward 8080 -> an OS web server, and bastion mode for 198.18.0.7:80. Their
     stacks exchange real IPv4 packets over memory channels, as through a manager."""
@@ -443,9 +443,8 @@ async def test_end_to_end_through_two_netstacks(outside: OriginServer, tmp_path:
     if shutil.which("curl") is None or shutil.which("dig") is None:
         pytest.skip("needs curl and dig")
     netstack = pytest.importorskip("norouter_trio.tcp.netstack")
-    from norouter_trio.agent import dns as dns_module
-    from norouter_trio.agent.http_proxy import start_http_proxy
-    from norouter_trio.agent.socks import start_socks
+    from norouter_trio.agent.http_proxy import serve_http_proxy
+    from norouter_trio.agent.socks import serve_socks
     from norouter_trio.messages import ConfigureArgs, IPPortProto, RouteSuggestion
 
     names = {"web": "127.0.42.101", "nginx": "127.0.42.101", "local": "127.0.42.100"}
@@ -456,9 +455,7 @@ async def test_end_to_end_through_two_netstacks(outside: OriginServer, tmp_path:
     args_a = ConfigureArgs(me="127.0.42.100", hostname_map=names, name_servers=servers,
                            routes=[route], http_listen=f"127.0.0.1:{http_port}",
                            socks_listen=f"127.0.0.1:{socks_port}")
-    args_b = ConfigureArgs(me="127.0.42.101", hostname_map=names, name_servers=servers,
-                           routes=[route])
-    link_a, link_b = _Link("A"), _Link("B")
+    link_a = _Link("A")
     with OriginServer("127.0.0.1", "web") as web:
         async with AsyncExitStack() as exits:
             try:  # resolv.conf has no port numbers: the fake resolver needs port 53
@@ -476,9 +473,10 @@ async def test_end_to_end_through_two_netstacks(outside: OriginServer, tmp_path:
             await nursery.start(stack_a.run, a_in)
             await nursery.start(stack_b.run, b_in)
 
-            # B: DNS (the data plane's hook), forward 8080, bastion for 198.18.0.7:80.
-            monkeypatch.setattr(dns_module, "RESOLV_CONF", str(conf))
-            await dns_module.start_dns(args_b, stack_b, link_b, nursery)
+            # B: DNS in the stack (as the data plane serves it), forward 8080, bastion for
+            # 198.18.0.7:80.
+            nursery.start_soon(partial(serve_dns, stack_b.listen("127.0.42.101", 10053),
+                                       names, resolv_conf=str(conf)))
 
             async def forward(stream: trio.abc.Stream) -> None:
                 await splice(stream, await trio.open_tcp_stream("127.0.0.1", web.port))
@@ -504,9 +502,12 @@ async def test_end_to_end_through_two_netstacks(outside: OriginServer, tmp_path:
             nursery.start_soon(trio.serve_listeners, to_b_dns, [dns_os])
             dns_port = dns_os.socket.getsockname()[1]
 
-            # A: the proxies (the data plane's hooks).
-            await start_http_proxy(args_a, stack_a, link_a, nursery)
-            await start_socks(args_a, stack_a, link_a, nursery)
+            # A: the proxies and their shared dialer, as the data plane makes them.
+            dialer_a = Dialer.from_args(args_a, stack_a.connect, link_a.send_event,
+                                        label="127.0.42.100")
+            for port, serve in ((http_port, serve_http_proxy), (socks_port, serve_socks)):
+                (lst,) = await trio.open_tcp_listeners(port, host="127.0.0.1")
+                nursery.start_soon(serve, lst, dialer_a)
             proxy = f"http://127.0.0.1:{http_port}"
             socks = f"127.0.0.1:{socks_port}"
 

@@ -22,7 +22,6 @@ import ipaddress
 import logging
 import socket
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, Protocol
@@ -354,23 +353,6 @@ class Dialer:
         if not ips:
             raise DialError(name, 0, f"DNS at {via}: no A record", "resolve")
         return ips, ttl
-
-
-_SHARED: weakref.WeakKeyDictionary[Any, Dialer] = weakref.WeakKeyDictionary()
-
-
-def shared_dialer(args: ConfigureArgs, stack: Any, link: Any) -> Dialer:
-    """The one `Dialer` of a data plane (HTTP and SOCKS share what routes taught it).
-
-    `stack` is the `NetStack` (its `connect` dials the virtual network), `link` the
-    `AgentLink` (its `send_event` reports learned routes to the manager).
-    """
-    dialer = _SHARED.get(stack)
-    if dialer is None:
-        dialer = Dialer.from_args(args, stack.connect, getattr(link, "send_event", None),
-                                  label=getattr(link, "host_label", "") or args.me)
-        _SHARED[stack] = dialer
-    return dialer
 
 
 def parse_listen(value: str, what: str) -> tuple[str, int]:

@@ -16,9 +16,8 @@ import logging
 import os
 import struct
 from collections.abc import Mapping, Sequence
-from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import dns.exception
 import dns.flags
@@ -31,7 +30,6 @@ import dns.rrset
 import trio
 
 from norouter_trio.agent.dialer import ByteReader, normalize_host
-from norouter_trio.messages import ConfigureArgs
 
 log = logging.getLogger(__name__)
 
@@ -257,18 +255,3 @@ async def serve_dns(listener: trio.abc.Listener[trio.abc.Stream],
             log.exception("DNS: connection handler failed")
 
     await trio.serve_listeners(handler, [listener])
-
-
-async def start_dns(args: ConfigureArgs, stack: Any, link: Any, nursery: trio.Nursery) -> None:
-    """Data-plane hook: serve DNS in the stack on VIP:PORT for each `nameServers` entry
-    naming this agent's VIP (10053/tcp). Loopback mode's 127.0.42.x:10053 listener is
-    the data plane's: it joins those connections to this one through the stack."""
-    del link
-    ports = sorted({ns.port for ns in args.name_servers or ()
-                    if ns.ip == args.me and (ns.proto or "tcp") == "tcp"})
-    for port in ports:
-        listener = stack.listen(args.me, port)
-        nursery.start_soon(partial(serve_dns, listener, dict(args.hostname_map or {}),
-                                   resolv_conf=RESOLV_CONF))
-        log.info("DNS: serving %d names on %s:%d (virtual network)",
-                 len(args.hostname_map or {}), args.me, port)

@@ -27,7 +27,7 @@ import math
 import re
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import Any, NoReturn
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 import trio
@@ -36,11 +36,8 @@ from norouter_trio.agent.dialer import (
     Dialer,
     DialError,
     format_host_port,
-    parse_listen,
-    shared_dialer,
     splice,
 )
-from norouter_trio.messages import ConfigureArgs
 
 log = logging.getLogger(__name__)
 
@@ -746,21 +743,3 @@ async def serve_http_proxy(listener: trio.abc.Listener[trio.abc.Stream], dialer:
             log.exception("HTTP proxy: connection handler failed")
 
     await trio.serve_listeners(handler, [listener])
-
-
-async def start_http_proxy(args: ConfigureArgs, stack: Any, link: Any,
-                           nursery: trio.Nursery) -> None:
-    """Data-plane hook: listen on `http.listen` (an OS address) and serve there; the
-    destinations are dialled by the data plane's shared `Dialer`."""
-    if not args.http_listen:
-        return
-    host, port = parse_listen(args.http_listen, "http.listen")
-    try:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-    except OSError as exc:
-        raise OSError(exc.errno, f"http.listen {args.http_listen}: cannot listen: "
-                      f"{exc.strerror or exc}; choose a free address in the manifest") from exc
-    dialer = shared_dialer(args, stack, link)
-    for listener in listeners:
-        nursery.start_soon(serve_http_proxy, listener, dialer)
-    log.info("HTTP proxy: listening on %s", args.http_listen)

@@ -15,7 +15,7 @@ import contextlib
 import ipaddress
 import logging
 import struct
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import trio
 
@@ -23,11 +23,8 @@ from norouter_trio.agent.dialer import (
     ByteReader,
     Dialer,
     DialError,
-    parse_listen,
-    shared_dialer,
     splice,
 )
-from norouter_trio.messages import ConfigureArgs
 
 log = logging.getLogger(__name__)
 
@@ -232,21 +229,3 @@ async def serve_socks(listener: trio.abc.Listener[trio.abc.Stream], dialer: Dial
             log.exception("SOCKS: connection handler failed")
 
     await trio.serve_listeners(handler, [listener])
-
-
-async def start_socks(args: ConfigureArgs, stack: Any, link: Any,
-                       nursery: trio.Nursery) -> None:
-    """Data-plane hook: listen on `socks.listen` (an OS address) and serve there; the
-    destinations are dialled by the data plane's shared `Dialer`."""
-    if not args.socks_listen:
-        return
-    host, port = parse_listen(args.socks_listen, "socks.listen")
-    try:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-    except OSError as exc:
-        raise OSError(exc.errno, f"socks.listen {args.socks_listen}: cannot listen: "
-                      f"{exc.strerror or exc}; choose a free address in the manifest") from exc
-    dialer = shared_dialer(args, stack, link)
-    for listener in listeners:
-        nursery.start_soon(serve_socks, listener, dialer)
-    log.info("SOCKS proxy: listening on %s", args.socks_listen)

@@ -6,9 +6,11 @@ Shape: `NetStack.run` owns one nursery with
 - the *writer*: pulls segments from connections marked dirty and puts the packets into
   the outbound channel with `send_nowait`, awaiting only when it is full (so packets are
   handed over in batches and the stdout writer can frame many per write);
-- one timer task per connection: it sleeps in a cancel scope whose deadline is the core's
-  `get_timer()`; every operation on the connection moves that deadline (no polling, no
-  task per packet);
+- the *timer* task: one for the whole stack, sleeping until the earliest of the cores'
+  `get_timer()` deadlines, kept in a heap (one live entry per connection; no polling, no
+  task per connection or packet). A deadline that moves later leaves its entry in place
+  and is re-queued when that entry comes due, so the common RTO re-arm on every ACK costs
+  no heap work; one that moves earlier pushes a new entry (the old one goes stale);
 - one task per SYN offered to the accept-any (bastion) handler, running that handler.
 
 Channel "full" behaviour (what we chose, and why it is safe):
@@ -40,6 +42,7 @@ unread data is waiting or arrives later, the core resets instead (RFC 1122 §4.2
 from __future__ import annotations
 
 import errno
+import heapq
 import logging
 import math
 import operator
@@ -98,10 +101,10 @@ class _State:
         "listener",
         "local_closed",
         "lot",
+        "queued",
         "receiving",
         "reset",
         "sending",
-        "timer_scope",
         "write_lot",
     )
 
@@ -110,8 +113,8 @@ class _State:
         self.listener = listener
         self.lot = ParkingLot()  # readers and connect/accept waiters
         self.write_lot = ParkingLot()  # senders waiting for buffer room
-        self.timer_scope: trio.CancelScope | None = None
-        self.deadline = math.inf
+        self.deadline = math.inf  # the core's get_timer() as the writer last saw it
+        self.queued = math.inf  # the deadline of this connection's live timer-heap entry
         self.established = False
         self.eof = False
         self.eof_sent = False
@@ -159,9 +162,8 @@ def describe_connection(conn: Conn, st: _State | None, now: float) -> str:
         f" pto={_rel(g(tcp, '_pto_deadline', None), now)}",
     ]
     if st is not None:
-        scope = st.timer_scope
         parts.append(
-            f"armed={_rel(scope.deadline if scope is not None else None, now)}"
+            f"armed={_rel(st.deadline, now)} queued={_rel(st.queued, now)}"
             f" readers={len(st.lot)} writers={len(st.write_lot)}"
             f" eof={st.eof} eof_sent={st.eof_sent} closed={st.local_closed}"
         )
@@ -192,6 +194,10 @@ class NetStack:
         self._nursery: trio.Nursery | None = None
         self._dirty: dict[_State, None] = {}
         self._wake = trio.Event()
+        self._timers: list[tuple[float, int, _State]] = []  # heap; see _timer_loop
+        self._timer_seq = 0  # tie-breaker: _State does not order
+        self._timer_next = math.inf  # what the timer task sleeps until
+        self._timer_scope: trio.CancelScope | None = None
         self._listeners: dict[Address, TCPListener] = {}
         self._handler: Callable[[PendingConnection], Awaitable[None]] | None = None
         self._stopped = False
@@ -243,6 +249,7 @@ class NetStack:
                 self._nursery = nursery
                 NetStack._running.add(self)
                 nursery.start_soon(self._writer)
+                nursery.start_soon(self._timer_loop)
                 nursery.start_soon(self._stall_watch)
                 task_status.started()
                 await self._reader(inbound)
@@ -344,7 +351,7 @@ class NetStack:
     def _new_state(self, conn: Conn, listener: TCPListener | None = None) -> _State:
         st = _State(conn, listener)
         conn.owner = st
-        self._require_running().start_soon(self._timer_task, st)
+        self._require_running()
         return st
 
     def _after(self, st: _State) -> None:
@@ -388,33 +395,60 @@ class NetStack:
         self._stack.counters["retransmits"] += int(getattr(st.conn.tcp, "retransmits", 0))
         if st.listener is not None and not st.established:
             st.listener._half_open -= 1
-        if st.timer_scope is not None:
-            st.timer_scope.cancel()
         st.wake_all()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s: connection %s closed (%s)", self.vip, st.describe(), reason.value)
 
-    async def _timer_task(self, st: _State) -> None:
-        tcp = st.conn.tcp
-        while not st.finished:
-            deadline = tcp.get_timer()
-            st.deadline = math.inf if deadline is None else deadline
-            with trio.CancelScope(deadline=st.deadline) as scope:
-                st.timer_scope = scope
-                await trio.sleep_forever()
-            st.timer_scope = None
-            if st.finished:
-                return
+    def _set_deadline(self, st: _State, deadline: float) -> None:
+        """Record the core's new deadline; queue it only if it is earlier than the
+        connection's live heap entry (a later one is re-queued when that entry fires)."""
+        st.deadline = deadline
+        if deadline < st.queued:
+            st.queued = deadline
+            self._timer_seq += 1
+            heapq.heappush(self._timers, (deadline, self._timer_seq, st))
+            if deadline < self._timer_next:
+                self._timer_next = deadline
+                scope = self._timer_scope
+                if scope is not None:
+                    scope.deadline = deadline
+
+    async def _timer_loop(self) -> None:
+        """Fire due connection timers; sleep until the earliest deadline in the heap."""
+        heap = self._timers
+        heappop = heapq.heappop
+        while True:
             now = trio.current_time()
-            deadline = tcp.get_timer()
-            if deadline is not None and deadline <= now:
-                tcp.handle_timer(now)
-                self._after(st)
+            while heap and heap[0][0] <= now:
+                when, _, st = heappop(heap)
+                if when != st.queued or st.finished:
+                    continue  # superseded by an earlier entry, or the connection ended
+                st.queued = math.inf
+                tcp = st.conn.tcp
+                deadline = tcp.get_timer()
+                if deadline is None:
+                    st.deadline = math.inf
+                elif deadline <= now:
+                    st.deadline = math.inf  # the writer re-arms from get_timer()
+                    tcp.handle_timer(now)
+                    self._after(st)
+                else:
+                    self._set_deadline(st, deadline)  # moved later since queued
+            if len(heap) > 64 and len(heap) > 4 * len(self._stack.connections):
+                live = [e for e in heap if e[0] == e[2].queued and not e[2].finished]
+                heap[:] = live
+                heapq.heapify(heap)
+            self._timer_next = heap[0][0] if heap else math.inf
+            with trio.CancelScope(deadline=self._timer_next) as scope:
+                self._timer_scope = scope
+                await trio.sleep_forever()
+            self._timer_scope = None
 
     async def _writer(self) -> None:
         stack = self._stack
         outbound = self._outbound
         send_nowait = outbound.send_nowait
+        set_deadline = self._set_deadline
         try:
             while True:
                 await self._wake.wait()
@@ -429,22 +463,22 @@ class NetStack:
                     if not self._dirty:
                         break
                     dirty, self._dirty = self._dirty, {}
+                    now = trio.current_time()
                     for st in dirty:
-                        packets = stack.output(st.conn, trio.current_time())
+                        packets = stack.output(st.conn, now)
                         # Output arms timers (RTO, delayed ACK gone): move the deadline.
-                        scope = st.timer_scope
-                        if scope is not None:
+                        if not st.finished:
                             deadline = st.conn.tcp.get_timer()
                             if deadline is None:
                                 deadline = math.inf
-                            if deadline != st.deadline:  # moving it costs trio work
-                                st.deadline = deadline
-                                scope.deadline = deadline
+                            if deadline != st.deadline:
+                                set_deadline(st, deadline)
                         for packet in packets:
                             try:
                                 send_nowait(packet)
                             except trio.WouldBlock:
                                 await outbound.send(packet)
+                                now = trio.current_time()  # time passed while blocked
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             log.warning("%s: the outbound packet channel closed; stopping the stack", self.vip)
             if self._nursery is not None:
