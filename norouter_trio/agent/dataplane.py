@@ -203,13 +203,19 @@ class DataPlane:
             return (f"{_fmt(getattr(stream, 'remote_address', '?'))} -> "
                     f"{self.args.me}:{fw.listen_port} -> {fw.connect_ip}:{fw.connect_port}")
 
+        await self._join_target("forward", stream, fw, desc)
+
+    async def _join_target(self, kind: str, stream: trio.abc.HalfCloseableStream,
+                           fw: Forward, desc: Describe) -> None:
+        """Connect to the forward's target through the OS and join it to `stream`; a
+        refused target resets `stream` at once, so the client is not left hanging."""
         try:
             target = await open_os_stream(fw.connect_ip, fw.connect_port)
         except OSError as e:
-            self._refused("forward", desc, e)
+            self._refused(kind, desc, e)
             await reset_and_close(stream)
             return
-        await self._joined("forward", stream, target, desc)
+        await self._joined(kind, stream, target, desc)
 
     # -- loopback mode: OS listener -> stack (others, name servers)
     async def serve_loopback_other(self, listener: trio.SocketListener, ip: str,
@@ -249,13 +255,7 @@ class DataPlane:
             return (f"{_fmt(peer)} -> {self.args.me}:{fw.listen_port} -> "
                     f"{fw.connect_ip}:{fw.connect_port} (loopback)")
 
-        try:
-            target = await open_os_stream(fw.connect_ip, fw.connect_port)
-        except OSError as e:
-            self._refused("loopback", desc, e)
-            await reset_and_close(sock)
-            return
-        await self._joined("loopback", sock, target, desc)
+        await self._join_target("loopback", sock, fw, desc)
 
     async def _accept_os(self, listener: trio.SocketListener) -> tuple[trio.SocketStream, Any]:
         """Accept on the listener's socket directly: accept4 returns the peer's address,
