@@ -440,3 +440,43 @@ async def test_stalled_connection_is_reported_with_its_tcp_state(
             server.abort()
             client.abort()
     assert sa not in NetStack.running()
+
+
+async def test_one_timer_task_serves_many_connections_losing_segments(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Timers for every connection come from one task and its deadline heap: with the
+    first copy of each data segment lost, every connection still recovers by its own
+    retransmission timer, and the stack's task count does not grow with connections."""
+    seen: set[bytes] = set()
+
+    def drop_first_copy(packet: bytes) -> bytes | None:
+        ihl = (packet[0] & 15) * 4
+        payload = packet[ihl + (packet[ihl + 12] >> 4) * 4 :]
+        if payload.startswith(b"msg") and payload not in seen:
+            seen.add(payload)
+            return None
+        return packet
+
+    with trio.fail_after(120):
+        async with two_stacks(tap=[drop_first_copy]) as (sa, sb, _):
+            pairs = [await _pair(sa, sb, 7200 + i) for i in range(20)]
+            assert sa._nursery is not None and sb._nursery is not None
+            assert len(sa._nursery.child_tasks) == len(sb._nursery.child_tasks) == 3
+            got: dict[int, bytes] = {}
+
+            async def exchange(i: int, client: TCPStream, server: TCPStream) -> None:
+                await trio.sleep(i * 0.013)  # spread the deadlines apart
+                await client.send_all(b"msg%03d" % i)
+                got[i] = await server.receive_some()
+
+            async with trio.open_nursery() as nursery:
+                for i, (client, server) in enumerate(pairs):
+                    nursery.start_soon(exchange, i, client, server)
+            assert got == {i: b"msg%03d" % i for i in range(20)}
+            assert len(seen) == 20  # each message was lost once, then retransmitted
+            for client, server in pairs:
+                await client.aclose()
+                assert await server.receive_some() == b""
+                await server.aclose()
+            assert len(sa._nursery.child_tasks) == 3

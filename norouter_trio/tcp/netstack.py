@@ -52,7 +52,12 @@ from collections.abc import Awaitable, Callable
 from typing import ClassVar
 
 import trio
-from trio.lowlevel import ParkingLot, checkpoint
+from trio.lowlevel import (
+    ParkingLot,
+    cancel_shielded_checkpoint,
+    checkpoint,
+    checkpoint_if_cancelled,
+)
 
 from norouter_trio.tcp import checksum
 from norouter_trio.tcp.connection import TCPConfig, TCPStateError
@@ -126,8 +131,10 @@ class _State:
         self.sending = False
 
     def wake_all(self) -> None:
-        self.lot.unpark_all()
-        self.write_lot.unpark_all()
+        if self.lot:  # an empty ParkingLot still costs a call chain to unpark
+            self.lot.unpark_all()
+        if self.write_lot:
+            self.write_lot.unpark_all()
 
     def describe(self) -> str:
         (lip, lport), (rip, rport) = self.conn.local, self.conn.remote
@@ -362,15 +369,19 @@ class NetStack:
         while ev is not None:
             kind = type(ev)
             if kind is DataAvailable:
-                st.lot.unpark_all()
+                if st.lot:
+                    st.lot.unpark_all()
             elif kind is Writable:
-                st.write_lot.unpark_all()
+                if st.write_lot:
+                    st.write_lot.unpark_all()
             elif kind is EOFReceived:
                 st.eof = True
-                st.lot.unpark_all()
+                if st.lot:
+                    st.lot.unpark_all()
             elif kind is Established:
                 st.established = True
-                st.lot.unpark_all()
+                if st.lot:
+                    st.lot.unpark_all()
                 if st.listener is not None:
                     st.listener._on_established(st)
             elif kind is ConnectionReset:
@@ -785,22 +796,32 @@ class TCPStream(trio.abc.HalfCloseableStream):
             raise trio.BusyResourceError("another task is already receiving on this stream")
         st.receiving = True
         try:
-            await checkpoint()
+            # As trio's memory channels: a cancel point first, then either park (itself
+            # a checkpoint) or a shielded schedule point after the read, so waiting for
+            # data costs one task switch rather than two, and cancellation loses nothing.
+            await checkpoint_if_cancelled()
             tcp = st.conn.tcp
+            parked = False
             while True:
                 if st.local_closed:
-                    raise trio.ClosedResourceError("this stream was closed")
+                    exc: Exception = trio.ClosedResourceError("this stream was closed")
+                    break
                 if not st.reset:
                     data = tcp.read(max_bytes, trio.current_time())
-                    if data:
-                        if not st.finished:
+                    if data or st.eof:
+                        if data and not st.finished:
                             self._ns._after(st)
+                        if not parked:
+                            await cancel_shielded_checkpoint()
                         return data
-                    if st.eof:
-                        return b""
                 if st.reset or st.finished:
-                    raise self._broken()
+                    exc = self._broken()
+                    break
                 await st.lot.park()
+                parked = True
+            if not parked:
+                await cancel_shielded_checkpoint()
+            raise exc
         finally:
             st.receiving = False
 
