@@ -414,7 +414,10 @@ async def test_large_and_small_frames_arrive_whole_and_in_order(
         if queue_bytes == 8 << 20:  # all of it fits in the queue: nothing is lost
             assert (n, gaps) == (sent[vip], 0), h.drops
     if queue_bytes == 1 << 20:
-        assert b.drops.get("queue_full", 0) > 0 and got["b"][1] > 0
+        # The small queue overflows while b sleeps. Where the lost frames fall (a gap in
+        # the middle, or the tail) depends on timing; the accounting above is exact.
+        assert b.drops.get("queue_full", 0) > 0
+        assert got["b"][0] < sent[B]
 
 
 def l3_frame(src: str, dst: str, seq: int, size: int) -> bytes:
