@@ -196,18 +196,6 @@ class OriginServer:
         self.thread.join(5)
 
 
-@pytest.fixture
-def web() -> Iterator[OriginServer]:
-    """The "remote" web host: reachable only as VIP 127.0.42.101 through the stack."""
-    with OriginServer("127.0.43.101", "web") as server:
-        yield server
-
-
-@pytest.fixture
-def outside() -> Iterator[OriginServer]:
-    """A server outside the virtual network (reached through the OS)."""
-    with OriginServer("127.0.0.1", "outside") as server:
-        yield server
 
 
 async def http_get(stream: trio.abc.Stream, host: str, path: str = "/") -> bytes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
@@ -19,18 +19,6 @@ from norouter_trio.agent.socks import serve_socks
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 
 
-@pytest.fixture
-def web() -> Iterator[OriginServer]:
-    """The "remote" web host: reachable only as VIP 127.0.42.101 through the stack."""
-    with OriginServer("127.0.43.101", "web") as server:
-        yield server
-
-
-@pytest.fixture
-def outside() -> Iterator[OriginServer]:
-    """A server outside the virtual network (reached through the OS)."""
-    with OriginServer("127.0.0.1", "outside") as server:
-        yield server
 
 
 @asynccontextmanager
