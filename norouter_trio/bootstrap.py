@@ -11,7 +11,9 @@ an argument.  The manager appends only plain flags that no shell alters::
 ``-i`` makes Python execute stdin statement by statement, as they arrive; ``-u`` makes its C
 stdin unbuffered, so it reads exactly the first line and not a byte more; ``-q`` silences
 the banner and ``-E -S -B`` keep the host's environment, site-packages and pyc writes out.
-Prompts go to stderr (stdout stays clean).  The first line on stdin is
+Prompts go to stderr (stdout stays clean); the one ``>>> `` written before the loader
+line cannot be turned off from inside (it precedes the loader), so the manager strips
+prompts from a bootstrap host's stderr lines until its first frame.  The first line on stdin is
 ``exec('<loader source>')``.  The loader checks the Python version (it is written in plain
 syntax so that an old Python gets that far), says ``norouter-bootstrap: loader started`` on
 stderr, reads exactly N bytes (the ``agent`` zipapp), checks their sha256, installs an
@@ -31,6 +33,7 @@ import logging
 import os
 import re
 import signal
+import threading
 import weakref
 from dataclasses import dataclass, field
 
@@ -38,7 +41,7 @@ import trio
 
 from norouter_trio.manager import HostState, Manager, Observer
 from norouter_trio.manifest import HostSpec
-from norouter_trio.zipapp import Zipapp, build_zipapp
+from norouter_trio.zipapp import Zipapp, ZipappError, build_zipapp
 
 __all__ = [
     "BOOTSTRAP_ARGS",
@@ -47,6 +50,7 @@ __all__ = [
     "agent_command",
     "loader_source",
     "preamble",
+    "prepare",
 ]
 
 log = logging.getLogger("norouter_trio.bootstrap")
@@ -219,12 +223,38 @@ def preamble(app: Zipapp, *, debug: bool = False) -> bytes:
     return line + app.data
 
 
+_build_lock = threading.Lock()
+_agent_app: Zipapp | None = None
+
+
+def _agent_zipapp() -> Zipapp:
+    """The agent zipapp, built once per process: concurrent callers (worker threads of
+    several bootstrap hosts) wait for the first one's build."""
+    global _agent_app
+    with _build_lock:
+        if _agent_app is None:
+            _agent_app = build_zipapp("agent")
+        return _agent_app
+
+
+async def prepare(host: HostSpec) -> None:
+    """Build the agent zipapp in a worker thread (packing and compressing takes 0.15-0.65 s
+    that the manager's loop must not spend while other agents' frames wait).
+
+    Raises :class:`ZipappError` naming ``host`` when this installation cannot be packed."""
+    try:
+        await trio.to_thread.run_sync(_agent_zipapp)
+    except ZipappError as e:
+        raise ZipappError(f"cannot build the agent zipapp that hosts.{host.name} "
+                          f"(bootstrap: true) needs: {e}") from e
+
+
 def agent_command(manager: Manager, host: HostSpec) -> tuple[list[str], bytes]:
     """``Manager.agent_command`` for a ``bootstrap: true`` host: its cmd as written plus
     :data:`BOOTSTRAP_ARGS`, and the loader + zipapp as the stdin preamble."""
     if host.cmd is None:
         raise ValueError(f"hosts.{host.name}: bootstrap needs a cmd")
-    app = build_zipapp("agent")
+    app = _agent_zipapp()  # built off the loop by prepare(), unless called without it
     BootstrapWatch.attach(manager)
     return [*host.cmd, *BOOTSTRAP_ARGS], preamble(app, debug=manager.debug)
 

@@ -8,6 +8,14 @@ chunk (``FrameDecoder.feed_raw``), picks the destination agent from ``packet[16:
 forwards runs of consecutive frames for the same agent as one slice of the chunk, so a
 chunk of frames for one host costs one queue entry and one ``write``.
 
+Request/response traffic (a few small frames per wake-up) is dominated by wake-ups, not
+bytes, so the reader skips the queue when it can: if the destination's queue is empty
+and nobody is writing its pipe, the reader writes the frames itself with one
+non-blocking ``writev`` (no hand-off to the writer task, no extra scheduler batch).  Only
+what the pipe does not take becomes the head of the (empty) queue, still in order, for
+the writer.  ``Pipe.read`` passes one scheduling point per call (the wait for data, or a
+checkpoint when it did not wait), not two.
+
 Large frames (16 KiB and more, Linux) skip user space: when the frames at the head of an
 agent's stdout pipe are large, whole, and for one destination whose queue is empty and
 whose stdin nobody is writing, the reader moves the run with one ``splice`` into that
@@ -230,6 +238,8 @@ PEEK_SIZE = frames.HEADER_LEN + 20
 SPLICE_WAIT = 0.005
 SPLICE_WAIT_BYTES = 2 * READ_SIZE
 _INT0 = bytes(4)
+#: Python's interactive prompts (``sys.ps1``, ``sys.ps2``), all four bytes long.
+_PROMPTS = (b">>> ", b"... ")
 _WORD = struct.Struct(">IH")  # a frame's magic + length word and its type
 
 
@@ -311,6 +321,7 @@ class Pipe:
         #: frame straight in.  Frames must not interleave, so there is one at a time.
         self.busy = False
         self._released = trio.Event()
+        self._drained = False  # the last read was short: wait before the next one
 
     def acquire_nowait(self) -> None:
         assert not self.busy
@@ -331,8 +342,21 @@ class Pipe:
             await self._released.wait()
 
     async def read(self, max_bytes: int) -> bytes:
-        """Up to ``max_bytes``; b"" at EOF.  Always checkpoints (a busy pipe cannot starve
-        the other tasks)."""
+        """Up to ``max_bytes``; b"" at EOF.
+
+        Every call passes exactly one scheduling point, so a busy pipe cannot starve the
+        other tasks: the wait for data, or else a (cancel-shielded) checkpoint after the
+        read, so that a cancelled read takes nothing out of the pipe.  A quiet pipe
+        (request/response traffic) thus costs one wake-up per read, not two.  After a
+        short read the pipe was empty, so the next call waits first instead of trying a
+        read that would fail with EAGAIN."""
+        if self._drained:
+            self._drained = False
+            await trio.lowlevel.wait_readable(self.fd)
+            waited = True
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            waited = False
         while True:
             if self.closed:
                 raise trio.ClosedResourceError("pipe closed")
@@ -340,12 +364,16 @@ class Pipe:
                 data = os.read(self.fd, max_bytes)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self.fd)
+                waited = True
                 continue
-            await trio.lowlevel.checkpoint()
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            self._drained = 0 < len(data) < max_bytes
             return data
 
-    async def write(self, parts: list[bytes | memoryview]) -> None:
-        """Write every buffer, in order; raises BrokenResourceError when the reader left."""
+    def write_nowait(self, parts: list[bytes | memoryview]) -> list[bytes | memoryview]:
+        """Write what the pipe takes now, in order, without waiting; return the rest
+        (empty when all of it went).  Raises BrokenResourceError when the reader left."""
         i = 0
         while i < len(parts):
             if self.closed:
@@ -353,8 +381,7 @@ class Pipe:
             try:
                 n = os.writev(self.fd, parts[i:i + IOV_MAX])
             except BlockingIOError:
-                await trio.lowlevel.wait_writable(self.fd)
-                continue
+                break
             except (BrokenPipeError, ConnectionResetError) as e:
                 raise trio.BrokenResourceError(str(e)) from e
             while i < len(parts) and n >= len(parts[i]):
@@ -362,7 +389,25 @@ class Pipe:
                 i += 1
             if n:
                 parts[i] = memoryview(parts[i])[n:]
-        await trio.lowlevel.checkpoint()
+                break  # a short write: the pipe is full
+        return parts[i:]
+
+    async def write(self, parts: list[bytes | memoryview], *, checkpoint: bool = True,
+                    ) -> None:
+        """Write every buffer, in order; raises BrokenResourceError when the reader left.
+
+        Passes a scheduling point (a wait for room, or a final checkpoint), unless
+        ``checkpoint`` is false and the pipe took everything at once: for a caller whose
+        next step is a checkpoint anyway."""
+        waited = False
+        while True:
+            parts = self.write_nowait(parts)
+            if not parts:
+                break
+            await trio.lowlevel.wait_writable(self.fd)
+            waited = True
+        if checkpoint and not waited:
+            await trio.lowlevel.checkpoint()
 
     def close(self) -> None:
         if not self.closed:
@@ -478,6 +523,14 @@ class Manager:
 
             return bootstrap.agent_command(self, host)
         return list(host.argv), b""
+
+    async def prepare_agent(self, host: HostSpec) -> None:
+        """Slow work that ``agent_command`` needs, done without blocking the loop (the
+        bootstrap zipapp is built in a worker thread, once per process)."""
+        if host.bootstrap and host.cmd is not None:
+            from norouter_trio import bootstrap
+
+            await bootstrap.prepare(host)
 
     def stop(self, *, force: bool = False) -> None:
         """Begin shutdown: SIGINT and EOF to every agent (SIGKILL with ``force``)."""
@@ -598,7 +651,13 @@ class Manager:
     # -- one link ---------------------------------------------------------------------
     async def _run_link(self, h: HostState) -> None:
         try:
-            argv, preamble = self.agent_command(h.spec)
+            try:
+                await self.prepare_agent(h.spec)
+                argv, preamble = self.agent_command(h.spec)
+            except (OSError, RuntimeError, ValueError) as e:
+                h.exit_reason = f"cannot start its agent: {e}"
+                log.error("%s: %s", h.label, h.exit_reason)
+                return
             h.argv = argv
             log.debug("%s: starting agent: %s", h.label, " ".join(argv))
             self._notify("agent_starting", h, argv)
@@ -702,7 +761,8 @@ class Manager:
                 h.room = trio.Event()
                 stdin.acquire_nowait()
                 try:
-                    await stdin.write(parts)
+                    # No checkpoint after the write: the next receive is one.
+                    await stdin.write(parts, checkpoint=False)
                     h.frames_out += count
                     h.bytes_out += size
                 finally:
@@ -740,6 +800,11 @@ class Manager:
             done.set()
 
     def _stderr_line(self, h: HostState, raw: bytes) -> None:
+        if h.spec.bootstrap and not h.frames_in:
+            # Before its first frame a bootstrapped agent is Python's interactive
+            # interpreter (``-i``), which writes its prompt before reading the loader line.
+            while raw.startswith(_PROMPTS):
+                raw = raw[4:]
         line = raw.rstrip(b"\r").decode("utf-8", "replace")
         h.last_stderr.append(line)
         log.info("stderr[%s]: %s", h.label, line)
@@ -1098,6 +1163,33 @@ class Manager:
         size = sum(map(len, parts))
         send = dst.send
         assert send is not None
+        stdin = dst.stdin
+        if (not dst.queued_bytes and not dst.tail and stdin is not None and not stdin.busy
+                and not stdin.closed):
+            # The fast path: nothing queued and nobody writing, so the frames go straight
+            # into the pipe; the writer task only takes over what the pipe does not take.
+            try:
+                rest = stdin.write_nowait(parts)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the queue path below counts the loss once the writer has gone
+            else:
+                dst.frames_out += n
+                if not rest:
+                    dst.bytes_out += size
+                    return True
+                left = sum(map(len, rest))
+                dst.bytes_out += size - left
+                # The rest starts mid-frame: it must go next, before anything queued
+                # later, so it becomes the queue's head (the queue is empty).
+                try:
+                    send.send_nowait((rest, 0, left))
+                except trio.WouldBlock:  # only wake-up entries in the queue: use the tail
+                    dst.tail = b"".join(rest)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    dst.drop("host_down", n)
+                    return True
+                dst.queued_bytes += left
+                return True
         if dst.queued_bytes == 0 or dst.queued_bytes + size <= self.queue_bytes:
             try:
                 send.send_nowait((parts, n, size))

@@ -173,10 +173,71 @@ hosts:
     caplog.set_level(logging.INFO)
     manager = await run_manager(text, body)
     assert any("running from memory" in line for line in manager.host("mem").last_stderr)
+    # The interpreter's ">>> " prompt (written before it reads the loader line) is not
+    # relayed: the first line is the loader's own.
+    relayed = [r.getMessage() for r in caplog.records
+               if r.getMessage().startswith("stderr[mem(")]
+    assert relayed[0].startswith("stderr[mem(127.0.77.1)]: norouter-bootstrap: loader started")
+    assert not any(">>> " in line for line in relayed)
     assert "no frame from the bootstrapped agent after 3 s" in errors(caplog, "hang")
     assert "loader never started" in errors(caplog, "hang")
     if old:
         assert "is not Python 3" in errors(caplog, "py2")
+
+
+async def test_the_zipapp_is_built_once_in_a_worker_thread(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Concurrent bootstrap hosts share one build, which runs off the event loop: the fake
+    build below only finishes once a trio task has run while it was building."""
+    import threading
+
+    app = build_zipapp("agent")
+    loop_ran = threading.Event()
+    threads: list[threading.Thread] = []
+
+    def slow_build(profile: str) -> Any:
+        threads.append(threading.current_thread())
+        assert loop_ran.wait(WAIT), "the event loop was blocked during the build"
+        return app
+
+    async def tick() -> None:
+        await trio.sleep(0)
+        loop_ran.set()
+
+    monkeypatch.setattr(bootstrap, "build_zipapp", slow_build)
+    monkeypatch.setattr(bootstrap, "_agent_app", None)
+    hosts = load_manifest("hosts:\n  a: {vip: 127.0.77.1, cmd: [python3], bootstrap: true}\n"
+                          "  b: {vip: 127.0.77.2, cmd: [python3], bootstrap: true}\n").hosts
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as n:
+            n.start_soon(bootstrap.prepare, hosts["a"])
+            n.start_soon(bootstrap.prepare, hosts["b"])
+            n.start_soon(tick)
+    assert len(threads) == 1 and threads[0] is not threading.main_thread()
+    manager = Manager(load_manifest("hosts:\n  a: {vip: 127.0.77.1, cmd: [python3], "
+                                    "bootstrap: true}\n"))
+    assert bootstrap.agent_command(manager, hosts["a"])[1].endswith(app.data)
+    assert len(threads) == 1
+
+
+async def test_a_failed_zipapp_build_names_the_host(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A build that fails (a dependency that cannot be packed) stops that host's link
+    with an error naming it; the manager does not crash."""
+    from norouter_trio.zipapp import ZipappError
+
+    def broken_build(profile: str) -> Any:
+        raise ZipappError("the distribution 'h11' is not installed")
+
+    monkeypatch.setattr(bootstrap, "build_zipapp", broken_build)
+    monkeypatch.setattr(bootstrap, "_agent_app", None)
+    manager = Manager(load_manifest(
+        "hosts:\n  far: {vip: 127.0.77.9, cmd: [python3], bootstrap: true}\n"), grace=1.0)
+    with trio.fail_after(WAIT):
+        assert await manager.run() == 1
+    message = errors(caplog, "far")
+    assert "hosts.far (bootstrap: true)" in message and "'h11' is not installed" in message
+    assert manager.host("far").state == "exited"
 
 
 # --- through a real sshd ----------------------------------------------------------------

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from norouter_trio import manager as manager_mod
 from norouter_trio.frames import TYPE_L3, FrameDecoder, encode_frame
@@ -653,3 +654,96 @@ def test_a_new_cidr_route_clears_cached_decisions() -> None:
     t.add_cidr_route("198.19.0.0/16", "127.0.42.101")
     assert owner(t, "198.19.0.1") == "127.0.42.101"
     assert t.cidr_routes() == [("198.19.0.0/16", "127.0.42.101")]
+
+
+async def test_small_frames_go_straight_into_an_idle_pipe_and_the_rest_waits_its_turn(
+) -> None:
+    """The reader writes frames itself when b's queue is empty and its pipe idle; what the
+    pipe does not take (cut mid-frame) heads b's queue, and later frames queue behind it
+    even once the pipe has room, so b gets every byte once, in order."""
+    text = f"hosts:\n  a: {{vip: {A}, cmd: [x]}}\n  b: {{vip: {B}, cmd: [x]}}\n"
+    manager = Manager(load_manifest(text))
+    a, b = manager.host("a"), manager.host("b")
+    a_out_r, a_out_w = os.pipe()
+    b_in_r, b_in_w = os.pipe()
+    os.set_blocking(b_in_r, False)
+    pipe_size = fcntl.fcntl(b_in_w, manager_mod.F_SETPIPE_SZ, 4096)
+    b.stdin = manager_mod.Pipe(b_in_w)
+    b.send, recv = trio.open_memory_channel[tuple[list[bytes | memoryview], int, int]](64)
+    manager._live[ip_bytes(B)] = b
+    first = b"".join(l3_frame(A, B, i, 1000) for i in range(20))
+    later = b"".join(l3_frame(A, B, i, 1000) for i in range(20, 23))
+    try:
+        async with trio.open_nursery() as nursery:
+            # No writer task yet: only the reader's own write can put bytes in b's pipe.
+            nursery.start_soon(manager._reader, a, manager_mod.Pipe(a_out_r), trio.Event())
+            os.write(a_out_w, first)
+            with trio.fail_after(WAIT):
+                while a.frames_in < 20:
+                    await trio.testing.wait_all_tasks_blocked()
+            got = os.read(b_in_r, 1 << 20)
+            assert got == first[:pipe_size]  # written directly, as far as it fitted
+            assert b.queued_bytes == len(first) - pipe_size and b.queue_depth == 1
+            assert (b.frames_out, b.bytes_out) == (20, pipe_size)
+            # b's pipe has room now, but the rest of the cut frame is queued: these wait.
+            os.write(a_out_w, later)
+            with trio.fail_after(WAIT):
+                while a.frames_in < 23:
+                    await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(BlockingIOError):
+                os.read(b_in_r, 1 << 20)
+            assert b.queued_bytes == len(first) + len(later) - pipe_size
+            nursery.start_soon(manager._writer, b, recv)
+            want = len(first) + len(later)
+            with trio.fail_after(WAIT):
+                while len(got) < want:
+                    await trio.lowlevel.wait_readable(b_in_r)
+                    got += os.read(b_in_r, 1 << 20)
+                while b.queued_bytes or b.stdin.busy:
+                    await trio.testing.wait_all_tasks_blocked()
+            assert got == first + later
+            assert (b.frames_out, b.bytes_out, b.drops) == (23, want, {})
+            # Idle again: the next frame goes straight in, the queue stays empty.
+            os.write(a_out_w, l3_frame(A, B, 23, 100))
+            with trio.fail_after(WAIT):
+                await trio.lowlevel.wait_readable(b_in_r)
+            assert os.read(b_in_r, 1 << 20) == l3_frame(A, B, 23, 100)
+            assert b.queue_depth == 0 and b.frames_out == 24
+            nursery.cancel_scope.cancel()
+    finally:
+        for fd in (a_out_w, b_in_r):
+            os.close(fd)
+
+
+async def test_a_pipe_read_yields_once_and_a_cancelled_read_takes_nothing() -> None:
+    """``Pipe.read`` on a pipe that always has data still lets other tasks run at every
+    call (fairness between links), and cancellation leaves the data in the pipe."""
+    r, w = os.pipe()
+    pipe = manager_mod.Pipe(r)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticker)
+            os.write(w, b"x" * 20)
+            start = ticks
+            for _ in range(10):  # full reads: the pipe is never seen empty
+                assert await pipe.read(1) == b"x"
+            assert ticks - start >= 5
+            with trio.CancelScope() as cs:
+                cs.cancel()
+                await pipe.read(100)
+            assert await pipe.read(100) == b"x" * 10  # short: the next call waits first
+            with trio.move_on_after(0.05):
+                await pipe.read(100)
+                raise AssertionError("read returned from an empty pipe")
+            nursery.cancel_scope.cancel()
+    finally:
+        pipe.close()
+        os.close(w)
