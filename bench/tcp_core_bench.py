@@ -1,7 +1,10 @@
-"""Benchmark of the sans-IO TCP core: two connections joined in memory, no IP, no checksums.
+"""Benchmark of the sans-IO TCP core: two connections joined in memory, no IP, no checksums;
+then the same through two `TCPStack`s (IPv4 parse/build and checksums, still no trio).
 
 Prints a short table: bulk MB/s one way (and both ways), handshakes+closes per second,
-and memory per idle established connection (tracemalloc). Run: python bench/tcp_core_bench.py
+and memory per idle established connection (tracemalloc); the stack rows price the
+per-packet work (parse, build, checksum) that the trio layer pays on every packet.
+Run: python bench/tcp_core_bench.py [--mbytes 512] [--conns 5000]
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from norouter_trio.tcp.connection import TCPConfig, TCPConnection
+from norouter_trio.tcp.stack import Conn, NewConnection, TCPStack
 
 A = ("127.0.42.1", 40000)
 B = ("127.0.42.2", 80)
@@ -104,6 +108,88 @@ def bench_handshakes(count: int) -> tuple[float, float]:
     return count / (time.perf_counter() - t0), count / (time.process_time() - c0)
 
 
+def _stack_pump(sa: TCPStack, sb: TCPStack, ca: Conn, cb: Conn | None, now: float) -> Conn:
+    """Move packets between two stacks until quiet; returns B's end (made by the SYN)."""
+    while True:
+        moved = 0
+        for pkt in sa.output(ca, now) + sa.take_output():
+            out = sb.receive_packet(pkt, now)
+            if isinstance(out, NewConnection):
+                cb = out.conn
+            moved += 1
+        if cb is not None:
+            for pkt in sb.output(cb, now) + sb.take_output():
+                sa.receive_packet(pkt, now)
+                moved += 1
+        if not moved:
+            assert cb is not None
+            return cb
+
+
+def bench_stack_handshakes(count: int, verify: bool) -> tuple[float, float]:
+    """As `bench_handshakes`, through two TCPStacks: every segment is an IPv4 packet."""
+    config = TCPConfig(time_wait=0.0)
+    sa = TCPStack(A[0], config=config, verify_checksums=verify)
+    sb = TCPStack(B[0], config=config, verify_checksums=verify)
+    sb.add_listener(B[0], B[1])
+    now = 0.0
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    for _ in range(count):
+        ca = sa.connect(B[0], B[1], now)
+        cb = _stack_pump(sa, sb, ca, None, now)
+        ca.tcp.send(b"q", now)
+        _stack_pump(sa, sb, ca, cb, now)
+        cb.tcp.read(10, now)
+        cb.tcp.send(b"r", now)
+        _stack_pump(sa, sb, ca, cb, now)
+        ca.tcp.read(10, now)
+        ca.tcp.close(now)
+        _stack_pump(sa, sb, ca, cb, now)
+        cb.tcp.close(now)
+        _stack_pump(sa, sb, ca, cb, now)
+        for st, c in ((sa, ca), (sb, cb)):
+            c.tcp.handle_timer(now)
+            while c.tcp.next_event() is not None:
+                pass
+            assert c.tcp.state.value == "CLOSED", c.tcp
+            st.forget(c)
+    return count / (time.perf_counter() - t0), count / (time.process_time() - c0)
+
+
+def bench_stack_bulk(total: int, mss: int, verify: bool) -> tuple[float, float]:
+    """MB/s a->b through two TCPStacks (one connection, reader always draining)."""
+    config = TCPConfig(mss=mss)
+    sa = TCPStack(A[0], config=config, verify_checksums=verify)
+    sb = TCPStack(B[0], config=config, verify_checksums=verify)
+    sb.add_listener(B[0], B[1])
+    now = 0.0
+    ca = sa.connect(B[0], B[1], now)
+    cb = _stack_pump(sa, sb, ca, None, now)
+    a, b = ca.tcp, cb.tcp
+    view = memoryview(bytes(256 * 1024))
+    sent = got = 0
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    while got < total:
+        now += 0.0001
+        if sent < total:
+            sent += a.send(view[: min(len(view), total - sent)], now)
+        for pkt in sa.output(ca, now):
+            sb.receive_packet(pkt, now)
+        while b.readable_bytes:
+            got += len(b.read(1 << 20, now))
+        for pkt in sb.output(cb, now):
+            sa.receive_packet(pkt, now)
+        for conn in (a, b):
+            t = conn.get_timer()
+            if t is not None and t <= now:
+                conn.handle_timer(now)
+            while conn.next_event() is not None:
+                pass
+    return got / (time.perf_counter() - t0) / 1e6, got / (time.process_time() - c0) / 1e6
+
+
 def bench_memory(count: int) -> float:
     """Bytes per idle established connection (both ends counted, result per end)."""
     config = TCPConfig()
@@ -133,6 +219,8 @@ def main() -> None:
     both = bench_bulk(total // 2, True)
     small = bench_bulk(total // 20, False, mss=1460)
     hs = bench_handshakes(args.conns)
+    shs = bench_stack_handshakes(args.conns, True)
+    sbulk = bench_stack_bulk(total // 20, 1460, True)
     mem = bench_memory(2000) / 1024
     rows = [
         ("measure", "wall clock", "CPU time", ""),
@@ -140,6 +228,8 @@ def main() -> None:
         ("bulk both ways (sum)", f"{both[0]:10.1f}", f"{both[1]:10.1f}", "MB/s"),
         ("bulk one way, MSS 1460", f"{small[0]:10.1f}", f"{small[1]:10.1f}", "MB/s"),
         ("open+1B each way+close", f"{hs[0]:10.0f}", f"{hs[1]:10.0f}", "conn/s"),
+        ("TCPStack: open+1B+close, cksum", f"{shs[0]:10.0f}", f"{shs[1]:10.0f}", "conn/s"),
+        ("TCPStack: bulk MSS 1460, cksum", f"{sbulk[0]:10.1f}", f"{sbulk[1]:10.1f}", "MB/s"),
         ("idle established conn", f"{mem:10.2f}", "", "KiB"),
     ]
     width = max(len(r[0]) for r in rows)

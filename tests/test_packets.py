@@ -23,9 +23,11 @@ from norouter_trio.tcp.packets import (
     Segment,
     build_ipv4_header,
     build_packet,
+    build_tcp,
     icmp_echo_reply,
     parse_ipv4,
     parse_packet,
+    parse_tcp_fast,
 )
 
 SRC, DST = inet_aton("127.0.42.101"), inet_aton("127.0.42.102")
@@ -244,3 +246,76 @@ def test_random_tcp_headers_only_raise_packet_error(raw: bytes, offset: int) -> 
     except PacketError:
         return
     assert len(seg.payload) == len(raw) - offset * 4
+
+
+# The layouts `build_packet` and `parse_tcp_fast` handle on their fast paths: no options,
+# only timestamps, or a SYN's four; payloads on both sides of the inline-checksum size,
+# odd and even.
+plain_segments = st.builds(
+    Segment,
+    src_port=st.integers(0, 65535),
+    dst_port=st.integers(0, 65535),
+    seq=u32,
+    ack=u32,
+    flags=st.integers(0, 255),
+    window=st.integers(0, 65535),
+    payload=st.binary(max_size=1500),
+    ts_val=st.none() | u32,
+    ts_ecr=u32,
+) | st.builds(  # a SYN with all four options, in the Linux layout
+    Segment,
+    src_port=st.integers(0, 65535),
+    dst_port=st.integers(0, 65535),
+    seq=u32,
+    ack=u32,
+    flags=st.integers(0, 255),
+    window=st.integers(0, 65535),
+    payload=st.binary(max_size=100),
+    mss=st.integers(0, 65535),
+    wscale=st.integers(0, 255),
+    sack_permitted=st.just(True),
+    ts_val=u32,
+    ts_ecr=u32,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(seg=plain_segments, ident=st.integers(0, 65535), ttl=st.integers(1, 255))
+def test_fast_build_is_byte_identical_to_the_general_encoding(
+    seg: Segment, ident: int, ttl: int
+) -> None:
+    head, payload = build_tcp(SRC, DST, seg)
+    tcp = head + bytes(payload)
+    general = build_ipv4_header(SRC, DST, IPPROTO_TCP, len(tcp), ident, ttl) + tcp
+    assert build_packet(SRC, DST, seg, ident, ttl) == general
+    assert rfc1071_reference(general[:20]) == 0
+    pseudo = SRC + DST + struct.pack("!BBH", 0, IPPROTO_TCP, len(tcp))
+    assert rfc1071_reference(pseudo + tcp) == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    seg=plain_segments,
+    pos=st.integers(0, 1600),
+    byte=st.integers(0, 255),
+    cut=st.integers(0, 1600),
+    verify=st.booleans(),
+)
+def test_fast_parse_agrees_with_the_general_parse(
+    seg: Segment, pos: int, byte: int, cut: int, verify: bool
+) -> None:
+    """parse_tcp_fast accepts only what parse_packet accepts, with the same result; it
+    declines (None) anything else, including every corruption the checksums catch."""
+    good = build_packet(SRC, DST, seg, 9)
+    mutated = bytearray(good)
+    mutated[pos % len(good)] ^= byte
+    for pkt in (good, bytes(mutated), good[:cut], memoryview(good + b"pad")):
+        fast = parse_tcp_fast(pkt, verify)
+        try:
+            ip, slow = parse_packet(pkt, verify_checksums=verify)
+        except PacketError:
+            assert fast is None
+            continue
+        if fast is not None:
+            assert fast == (ip.src, ip.dst, slow)
+    assert parse_tcp_fast(good, verify) is not None

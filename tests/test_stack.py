@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from norouter_trio.tcp.checksum import checksum
 from norouter_trio.tcp.connection import TCPConfig
 from norouter_trio.tcp.packets import (
     ACK,
@@ -23,6 +24,7 @@ from norouter_trio.tcp.packets import (
     build_packet,
     parse_ipv4,
     parse_packet,
+    parse_tcp_fast,
 )
 from norouter_trio.tcp.stack import (
     EPHEMERAL_HIGH,
@@ -371,3 +373,35 @@ def test_random_segments_on_an_established_connection_never_crash(
     other_client.tcp.send(b"fine", wire.now)
     wire.pump()
     assert other.tcp.read(10, wire.now) == b"fine"
+
+
+def _with_ip_options(packet: bytes) -> bytes:
+    """The same packet with a 4-byte IPv4 option (NOPs) inserted and the header redone."""
+    _, tos, total, ident, frag, ttl, proto, _, src, dst = struct.unpack_from(
+        "!BBHHHBBH4s4s", packet
+    )
+    head = struct.pack("!BBHHHBBH4s4s", 0x46, tos, total + 4, ident, frag, ttl, proto, 0, src, dst)
+    head += b"\x01\x01\x01\x00"
+    ck = checksum(head)
+    return head[:10] + struct.pack("!H", ck) + head[12:] + packet[20:]
+
+
+def test_uncommon_layouts_reach_the_connection_through_the_general_parser() -> None:
+    """Packets the fast parser declines (IP options, SACK blocks, an MSS on a data
+    segment) are parsed by the general code and delivered all the same."""
+    wire = Wire()
+    client, server = wire.establish(80)
+    c, s = client.tcp, server.tcp
+    port, nxt, ack = client.key[1], c.snd_nxt, c.rcv_nxt
+    segs = [
+        Segment(port, 80, nxt, ack, ACK | PSH, 1000, b"one"),
+        Segment(port, 80, (nxt + 3) & 0xFFFFFFFF, ack, ACK, 1000, b"two", mss=1000),
+        Segment(port, 80, (nxt + 6) & 0xFFFFFFFF, ack, ACK, 1000, b"3", sack_blocks=((1, 2),)),
+    ]
+    packets = [_with_ip_options(pkt(A, B, segs[0]))] + [pkt(A, B, x) for x in segs[1:]]
+    for p in packets:
+        assert parse_tcp_fast(p) is None  # the premise: the general parser's work
+        assert isinstance(wire.b.receive_packet(p, wire.now), Delivered)
+    assert s.read(100, wire.now) == b"onetwo3"
+    assert wire.b.counters["segments_in"] >= 3
+    assert not any(k.startswith("drop_") and v for k, v in wire.b.counters.items())

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tcplink import A_ADDR, B_ADDR, Link, LinkFaults, Peer, connected_pair
 
+import norouter_trio.tcp.connection as connection_module
 from norouter_trio.tcp.connection import TCPConfig, TCPConnection
 from norouter_trio.tcp.events import CloseReason, ConnectionClosed, ConnectionReset
 from norouter_trio.tcp.packets import ACK, RST, SYN, Segment
@@ -99,6 +100,8 @@ def test_lossy_link_delivers_every_byte_once_in_order(
     assert link.a.closed == ConnectionClosed(CloseReason.NORMAL)
     assert link.b.closed == ConnectionClosed(CloseReason.NORMAL)
     assert link.b.conn is not None and link.b.conn.state is TCPState.CLOSED
+    # The scoreboard every connection shares until its first SACK stays empty.
+    assert connection_module._NO_SACK.ranges == []
 
 
 def test_clean_link_bulk_both_ways_wraps_sequence_space() -> None:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections import deque
 from dataclasses import dataclass
 
 from .events import (
@@ -60,6 +59,7 @@ from .state import (
     TCPState,
     TCPStateError,
     next_state,
+    transitions,
 )
 
 __all__ = ["TCPConfig", "TCPConnection", "TCPStateError"]
@@ -89,6 +89,14 @@ _ESTABLISHED_EVENT = Established()
 _DATA_EVENT = DataAvailable()
 _EOF_EVENT = EOFReceived()
 _WRITABLE_EVENT = Writable()
+
+# The whole transition table (the any-state entries expanded), so a transition is one dict
+# lookup; `next_state` is only called to raise for a pair the table lacks.
+_TRANSITIONS = transitions()
+
+# Shared by every connection until its peer first SACKs: always empty, because only
+# `add` puts ranges in and `_sack_board` swaps in a connection's own before any `add`.
+_NO_SACK = SackScoreboard()
 
 Address = tuple[str, int]
 
@@ -227,7 +235,10 @@ class TCPConnection:
         self._lport = local[1]
         self._rport = remote[1]
         self.state = CLOSED
-        iss = secrets.randbits(32) if isn is None else isn & MASK  # RFC 9293 §3.4.1
+        # One draw from the OS for both the ISS (RFC 9293 §3.4.1) and the per-connection
+        # timestamp offset (RFC 7323 §5.4): a system call per connection, not two.
+        rnd = secrets.randbits(64)
+        iss = rnd & MASK if isn is None else isn & MASK
         self.iss = iss
         self.snd_una = iss
         self.snd_nxt = iss
@@ -260,10 +271,10 @@ class TCPConnection:
         self._sack_ok = False
         self._ts_ok = False
         self._ts_recent = 0
-        self._ts_offset = secrets.randbits(32)  # RFC 7323 §5.4: per-connection offset
+        self._ts_offset = rnd >> 32
         self._rto = RTOEstimator(config.initial_rto, config.min_rto, config.max_rto)
         self._cc = NewReno(DEFAULT_PEER_MSS, iss)
-        self._sack = SackScoreboard()
+        self._sack = _NO_SACK  # a real scoreboard once the peer first SACKs something
         self._rexmit_next = iss
         self._rexmit_budget = 0
         self._pass_mark = iss
@@ -285,7 +296,7 @@ class TCPConnection:
         self._pushed = False
         self._syn_needed = False
         self._out: list[Segment] = []
-        self._events: deque[Event] = deque()
+        self._events: list[Event] = []  # a handful at most: a list is 1/10 of a deque
         self._data_event_queued = False
         self._want_writable = False
         self._nagle = config.nagle
@@ -491,22 +502,27 @@ class TCPConnection:
         events = self._events
         if not events:
             return None
-        ev = events.popleft()
+        ev = events.pop(0)
         if ev is _DATA_EVENT:
             self._data_event_queued = False
         return ev
 
     def get_timer(self) -> float | None:
         """Earliest deadline (RTO, persist, delayed ACK, TIME-WAIT or FIN-WAIT-2), or None."""
+        # Unrolled (no tuple, no loop): the layer above asks after every segment.
         best = self._rto_deadline
-        for t in (
-            self._persist_deadline,
-            self._delack_deadline,
-            self._tw_deadline,
-            self._pto_deadline,
-        ):
-            if t is not None and (best is None or t < best):
-                best = t
+        t = self._persist_deadline
+        if t is not None and (best is None or t < best):
+            best = t
+        t = self._delack_deadline
+        if t is not None and (best is None or t < best):
+            best = t
+        t = self._tw_deadline
+        if t is not None and (best is None or t < best):
+            best = t
+        t = self._pto_deadline
+        if t is not None and (best is None or t < best):
+            best = t
         return best
 
     def handle_timer(self, now: float) -> None:
@@ -556,8 +572,12 @@ class TCPConnection:
             # In SYN-RECEIVED every answer is the SYN-ACK (RFC 9293 §3.10.7.4).
             self._syn_needed = False
             out.append(self._make_syn(now))
-        elif st in SENDING:
-            self._output_data(now, out)
+        elif st in SENDING and (
+            self._rexmit_budget > 0
+            or self.snd_nxt != (self._sbuf_start + len(self._sbuf)) & MASK
+            or self._fin_queued
+        ):
+            self._output_data(now, out)  # (it rechecks the FIN precisely)
         if self._ack_now and st is not SYN_SENT:
             out.append(self._make(self.snd_nxt, ACK, b"", now))
         return out
@@ -569,24 +589,39 @@ class TCPConnection:
         # Window (RFC 9293 §3.8.6.2.2 receiver SWS avoidance; never shrink the right
         # edge, §3.8.6). Offers grow only in steps of min(buffer/2, MSS).
         rcv_nxt = self.rcv_nxt
-        adv = _sdiff(self._rcv_adv, rcv_nxt)
+        adv = ((self._rcv_adv - rcv_nxt + HALF) & MASK) - HALF
         if adv < 0:
             adv = 0
-        free = self._rcvbufsize - len(self._rbuf)
-        if free > adv and free - adv < min(self._rcvbufsize >> 1, self._rmss):
-            free = adv
+        bufsize = self._rcvbufsize
+        free = bufsize - len(self._rbuf)
+        if free > adv:
+            step = bufsize >> 1
+            if self._rmss < step:
+                step = self._rmss
+            if free - adv < step:
+                free = adv
         wnd = free if free > adv else adv
         ws = self._rcv_wscale
         field = (wnd + (1 << ws) - 1) >> ws if ws else wnd
         if field > 65535:
             field = 65535
         self._rcv_adv = (rcv_nxt + (field << ws)) & MASK
-        seg = Segment(self._lport, self._rport, seq, rcv_nxt, flags, field, payload)
-        if self._ts_ok:
-            seg.ts_val = (int(now * 1000) + self._ts_offset) & MASK
-            seg.ts_ecr = self._ts_recent
-        if self._ooo and self._sack_ok:
-            seg.sack_blocks = self._sack_blocks()
+        # All fields positionally in one call: cheaper than setting options afterwards.
+        seg = Segment(
+            self._lport,
+            self._rport,
+            seq,
+            rcv_nxt,
+            flags,
+            field,
+            payload,
+            None,
+            None,
+            False,
+            self._sack_blocks() if self._ooo and self._sack_ok else (),
+            (int(now * 1000) + self._ts_offset) & MASK if self._ts_ok else None,
+            self._ts_recent if self._ts_ok else None,
+        )
         if flags & ACK:
             self._ack_now = False
             self._delack_deadline = None
@@ -1218,7 +1253,7 @@ class TCPConnection:
                 return False
             partial = self._new_ack(ack, d, now)
             if seg.sack_blocks and self._sack_ok:
-                self._sack.add(seg.sack_blocks, ack, self.snd_max)
+                self._sack_board().add(seg.sack_blocks, ack, self.snd_max)
             if self._rexmit_log:
                 self._rack(ack)
             if partial:
@@ -1237,7 +1272,7 @@ class TCPConnection:
                 self._retries = 0  # a live peer with a closed window: keep probing
             news = False
             if seg.sack_blocks and self._sack_ok:
-                news = self._sack.add(seg.sack_blocks, una, self.snd_max)
+                news = self._sack_board().add(seg.sack_blocks, una, self.snd_max)
             if (
                 self.snd_max != una
                 and seg.window  # answers to window probes are not loss signals
@@ -1266,6 +1301,13 @@ class TCPConnection:
             self.snd_wl1 = seq
             self.snd_wl2 = ack
         return True
+
+    def _sack_board(self) -> SackScoreboard:
+        """The connection's own scoreboard, made on first use (most never see a SACK)."""
+        sack = self._sack
+        if sack is _NO_SACK:
+            sack = self._sack = SackScoreboard()
+        return sack
 
     def _rack(self, ack: int) -> None:
         """Loss detection from acknowledged retransmissions (RFC 8985's idea, FIFO links).
@@ -1498,7 +1540,8 @@ class TCPConnection:
 
     def _transition(self, inp: Input) -> None:
         old = self.state
-        self.state = next_state(old, inp)
+        new = _TRANSITIONS.get((old, inp))
+        self.state = new if new is not None else next_state(old, inp)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%r: %s on %s", self, old.value, inp.value)
 

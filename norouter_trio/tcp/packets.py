@@ -2,6 +2,13 @@
 
 `Segment` is the unit the sans-IO TCP connection consumes and produces; the stack adds and
 strips the IPv4 header (addresses travel beside the segment, not inside it).
+
+Every packet of every connection passes here, so the common shapes have fast paths:
+`build_packet` packs the IPv4 and TCP headers in one `struct` call and computes both
+checksums from the field values, and `parse_tcp_fast` reads both headers with one unpack;
+they cover no options, timestamps only, and a SYN's MSS + SACK-permitted + timestamps +
+window scale (the layouts Linux and we send). Anything else takes the general code, which
+the fast paths must agree with exactly (tests/test_packets.py checks it).
 """
 
 from __future__ import annotations
@@ -61,6 +68,26 @@ _OPT_WS = struct.Struct("!BBBB")
 _SACK_BLOCK = struct.Struct("!II")
 _SACKOK_TS_PREFIX = (4, 2)  # SACK-permitted fills the two bytes before a timestamp option
 _NOP_NOP = (1, 1)
+# Whole IPv4 + TCP headers in one pack/unpack: (version/IHL, TOS) as one word, the data
+# offset and flags as one word; `_HDR_TS` adds NOP NOP TS (RFC 7323 Appendix A layout).
+_HDR_PLAIN = struct.Struct("!HHHHBBH4s4sHHIIHHHH")
+_HDR_TS = struct.Struct("!HHHHBBH4s4sHHIIHHHHIII")
+_HDR_IN = struct.Struct("!BBHHHBBHIIHHIIBBHHH")  # addresses as integers, for parsing
+_NOP_NOP_TS_WORD = 0x0101080A
+_NOP_NOP_TS = b"\x01\x01\x08\x0a"
+_TS_VALUES = struct.Struct("!II")
+# A SYN's options as Linux (and `encode_options`) lay them out: MSS, SACK-permitted with
+# timestamps, NOP + window scale (20 bytes).
+_HDR_SYN = struct.Struct("!HHHHBBH4s4sHHIIHHHHHHIIIHBB")
+_SYN_OPTS = struct.Struct("!xxHxxxxIIxxxB")  # MSS, TS value, TS echo, window shift
+_MSS_KIND = 0x0204
+_SACKOK_TS_WORD = 0x0402080A
+_NOP_WS_WORD = 0x0103
+_SACKOK_TS = b"\x04\x02\x08\x0a"
+_NOP_WS = b"\x01\x03\x03"
+# Up to this many bytes a checksum is one `int.from_bytes` reduced with `%`, inline; longer
+# buffers go to `ones_sum` (folding, or numpy), which is cheaper per byte.
+_SMALL = 512
 _IP_DF = 0x4000
 _IP_MF = 0x2000
 _IP_OFFSET_MASK = 0x1FFF
@@ -292,10 +319,59 @@ def build_packet(
 ) -> bytes:
     """A whole IPv4 packet carrying `seg`; addresses are 4-byte packed (`inet_aton`).
 
-    Pass `addr_sum` (from `address_sum`) to skip re-summing the addresses.
+    Pass `addr_sum` (from `address_sum`) to skip re-summing the addresses. Segments with
+    no options or only timestamps (nearly all after the handshake) take a fast path: both
+    checksums are summed from the field values (a 32-bit word is ≡ its two halves' sum
+    modulo 0xFFFF) and the 40- or 52-byte header is packed once.
     """
     if addr_sum is None:
         addr_sum = address_sum(src, dst)
+    if seg.sack_blocks:
+        pass  # the general path below cuts the blocks to fit
+    elif seg.mss is not None:
+        if seg.wscale is not None and seg.sack_permitted and seg.ts_val is not None:
+            return _build_syn(src, dst, seg, ident & 0xFFFF, ttl, addr_sum)
+    elif seg.wscale is None and not seg.sack_permitted:
+        payload = seg.payload
+        plen = len(payload)
+        ts_val = seg.ts_val
+        hlen = 20 if ts_val is None else 32
+        tcp_len = hlen + plen
+        if tcp_len <= MAX_IPV4_PAYLOAD:
+            total = IPV4_HEADER_LEN + tcp_len
+            ident &= 0xFFFF
+            r = (0x4500 + total + ident + _IP_DF + ((ttl << 8) | IPPROTO_TCP) + addr_sum) % 0xFFFF
+            ip_ck = ~r & 0xFFFF if r else 0
+            sport = seg.src_port
+            dport = seg.dst_port
+            seq = seg.seq & 0xFFFFFFFF
+            ack = seg.ack & 0xFFFFFFFF
+            offflags = (hlen << 10) | (seg.flags & 0xFF)
+            window = seg.window & 0xFFFF
+            # Never 0 before reduction: the protocol number is in it; r == 0 means the
+            # sum is 0xFFFF (RFC 1071), whose complement is 0.
+            s = sport + dport + seq + ack + offflags + window + addr_sum + IPPROTO_TCP + tcp_len
+            if plen:
+                if plen <= _SMALL:
+                    s += int.from_bytes(payload, "big") << (8 * (plen & 1))
+                else:
+                    s += ones_sum(payload)
+            if ts_val is None:
+                r = s % 0xFFFF
+                head = _HDR_PLAIN.pack(
+                    0x4500, total, ident, _IP_DF, ttl, IPPROTO_TCP, ip_ck, src, dst,
+                    sport, dport, seq, ack, offflags, window, ~r & 0xFFFF if r else 0, 0,
+                )  # fmt: skip
+            else:
+                ts_val &= 0xFFFFFFFF
+                ts_ecr = (seg.ts_ecr or 0) & 0xFFFFFFFF
+                r = (s + _NOP_NOP_TS_WORD + ts_val + ts_ecr) % 0xFFFF
+                head = _HDR_TS.pack(
+                    0x4500, total, ident, _IP_DF, ttl, IPPROTO_TCP, ip_ck, src, dst,
+                    sport, dport, seq, ack, offflags, window, ~r & 0xFFFF if r else 0, 0,
+                    _NOP_NOP_TS_WORD, ts_val, ts_ecr,
+                )  # fmt: skip
+            return head + payload if plen else head
     head, payload = build_tcp(src, dst, seg, addr_sum)
     tcp_len = len(head) + len(payload)
     if tcp_len > MAX_IPV4_PAYLOAD:
@@ -313,6 +389,44 @@ def build_packet(
     return b"".join((ip, head, payload))
 
 
+def _build_syn(src: bytes, dst: bytes, seg: Segment, ident: int, ttl: int, addr_sum: int) -> bytes:
+    """`build_packet` for a SYN or SYN-ACK with all four options, in the Linux layout."""
+    payload = seg.payload
+    plen = len(payload)
+    tcp_len = 40 + plen
+    if tcp_len > MAX_IPV4_PAYLOAD:
+        raise ValueError(
+            f"TCP segment of {tcp_len} bytes (port "
+            f"{seg.src_port} -> {seg.dst_port}) does not fit one IPv4 packet"
+        )
+    total = IPV4_HEADER_LEN + tcp_len
+    r = (0x4500 + total + ident + _IP_DF + ((ttl << 8) | IPPROTO_TCP) + addr_sum) % 0xFFFF
+    ip_ck = ~r & 0xFFFF if r else 0
+    sport = seg.src_port
+    dport = seg.dst_port
+    seq = seg.seq & 0xFFFFFFFF
+    ack = seg.ack & 0xFFFFFFFF
+    offflags = (40 << 10) | (seg.flags & 0xFF)
+    window = seg.window & 0xFFFF
+    mss = (seg.mss or 0) & 0xFFFF
+    ts_val = (seg.ts_val or 0) & 0xFFFFFFFF
+    ts_ecr = (seg.ts_ecr or 0) & 0xFFFFFFFF
+    wscale = seg.wscale or 0  # not masked: like `encode_options`, >255 is an error
+    s = (
+        sport + dport + seq + ack + offflags + window + addr_sum + IPPROTO_TCP + tcp_len
+        + _MSS_KIND + mss + _SACKOK_TS_WORD + ts_val + ts_ecr + _NOP_WS_WORD + 0x0300 + wscale
+    )  # fmt: skip
+    if plen:
+        s += ones_sum(payload)
+    r = s % 0xFFFF
+    head = _HDR_SYN.pack(
+        0x4500, total, ident, _IP_DF, ttl, IPPROTO_TCP, ip_ck, src, dst,
+        sport, dport, seq, ack, offflags, window, ~r & 0xFFFF if r else 0, 0,
+        _MSS_KIND, mss, _SACKOK_TS_WORD, ts_val, ts_ecr, _NOP_WS_WORD, 3, wscale,
+    )  # fmt: skip
+    return head + payload if plen else head
+
+
 def parse_packet(packet: Buffer, *, verify_checksums: bool = True) -> tuple[IPv4Packet, Segment]:
     """Parse an IPv4+TCP packet; non-TCP raises `PacketError("not_tcp")`."""
     ip = parse_ipv4(packet, verify_checksum=verify_checksums)
@@ -322,6 +436,91 @@ def parse_packet(packet: Buffer, *, verify_checksums: bool = True) -> tuple[IPv4
     if verify_checksums:
         pseudo = combine(ones_sum(ip.header[12:20]), IPPROTO_TCP + len(ip.payload))
     return ip, parse_tcp(ip.payload, pseudo_sum=pseudo)
+
+
+_ADDR_CACHE: dict[int, str] = {}
+_ADDR_CACHE_MAX = 1024  # an agent talks to a handful of virtual IPs; bound it anyway
+
+
+def _addr_str(a: int) -> str:
+    """Dotted quad of a 32-bit address, from a small cache (saves `inet_ntoa` per packet)."""
+    s = _ADDR_CACHE.get(a)
+    if s is None:
+        if len(_ADDR_CACHE) >= _ADDR_CACHE_MAX:
+            _ADDR_CACHE.clear()
+        s = _ADDR_CACHE[a] = inet_ntoa(a.to_bytes(4, "big"))
+    return s
+
+
+def parse_tcp_fast(
+    packet: Buffer, verify_checksums: bool = True
+) -> tuple[str, str, Segment] | None:
+    """(src, dst, segment) of a plain IPv4+TCP packet, or None for anything else.
+
+    "Plain": no IP options, not a fragment, TCP options absent, NOP NOP TS, or a SYN's
+    four in the Linux layout; checksums right (when verified). One unpack reads both
+    headers and the IPv4 checksum is summed from the fields. None means "not decided
+    here": call `parse_ipv4` / `parse_tcp`, which accept or refuse it with the exact
+    reason; so this never accepts what they would refuse, nor parses it differently. The
+    layout is checked before the checksums so a declined packet is summed only once.
+    """
+    n = len(packet)
+    if n < 40:
+        return None
+    (
+        vihl, tos, total, ident, frag, ttl, proto, ip_ck, src, dst,
+        sport, dport, seq, ack, off, flags, window, _, _,
+    ) = _HDR_IN.unpack_from(packet)  # fmt: skip
+    if vihl != 0x45 or proto != IPPROTO_TCP or frag & (_IP_MF | _IP_OFFSET_MASK):
+        return None
+    if total > n or total < 40:
+        return None
+    hlen = (off >> 4) << 2
+    tcp_len = total - 20
+    if hlen < 20 or hlen > tcp_len:
+        return None
+    if hlen == 20:
+        layout = 0
+    elif hlen == 32 and packet[40:44] == _NOP_NOP_TS:
+        layout = 1
+    elif (
+        hlen == 40
+        and packet[40] == 2
+        and packet[41] == 4
+        and packet[44:48] == _SACKOK_TS
+        and packet[56:59] == _NOP_WS
+    ):
+        layout = 2
+    else:
+        return None
+    if verify_checksums:
+        # IPv4 header: the sum of its words must be 0xFFFF, i.e. ≡ 0 (it is never 0).
+        if (
+            (vihl << 8) + tos + total + ident + frag + ((ttl << 8) | proto) + ip_ck + src + dst
+        ) % 0xFFFF:
+            return None
+        if tcp_len <= _SMALL:
+            # Big-endian words ≡ the buffer's value mod 0xFFFF; an odd tail is padded.
+            s = int.from_bytes(packet[20:total], "big") << (8 * (tcp_len & 1))
+        else:
+            s = ones_sum(memoryview(packet)[20:total])
+        if (s + src + dst + IPPROTO_TCP + tcp_len) % 0xFFFF:
+            return None
+    start = 20 + hlen
+    payload = bytes(packet[start:total]) if total > start else b""
+    if layout == 0:
+        seg = Segment(sport, dport, seq, ack, flags, window, payload)
+    elif layout == 1:
+        ts_val, ts_ecr = _TS_VALUES.unpack_from(packet, 44)
+        seg = Segment(
+            sport, dport, seq, ack, flags, window, payload, None, None, False, (), ts_val, ts_ecr
+        )
+    else:
+        mss, ts_val, ts_ecr, wscale = _SYN_OPTS.unpack_from(packet, 40)
+        seg = Segment(
+            sport, dport, seq, ack, flags, window, payload, mss, wscale, True, (), ts_val, ts_ecr
+        )
+    return _addr_str(src), _addr_str(dst), seg
 
 
 def icmp_echo_reply(ip: IPv4Packet, ident: int = 0) -> bytes | None:

@@ -32,13 +32,20 @@ class RTOEstimator:
         srtt = self.srtt
         if srtt is None:
             srtt = r
-            self.rttvar = r / 2
+            rttvar = r / 2
         else:
-            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(srtt - r)
+            rttvar = 0.75 * self.rttvar + 0.25 * (srtt - r if srtt > r else r - srtt)
             srtt = 0.875 * srtt + 0.125 * r
         self.srtt = srtt
-        rto = srtt + max(_CLOCK_GRANULARITY, 4 * self.rttvar)
-        self.rto = min(self.max_rto, max(self.min_rto, rto))  # §2.4, §2.5
+        self.rttvar = rttvar
+        # Comparisons spelled out: this runs for most ACKs, and min()/max() calls cost more.
+        k = 4 * rttvar
+        rto = srtt + (k if k > _CLOCK_GRANULARITY else _CLOCK_GRANULARITY)
+        if rto < self.min_rto:  # §2.4
+            rto = self.min_rto
+        if rto > self.max_rto:  # §2.5
+            rto = self.max_rto
+        self.rto = rto
 
     def backoff(self) -> None:
         """Double the RTO after a timeout (§5.5)."""

@@ -33,7 +33,6 @@ from norouter_trio.tcp.packets import (
     IPPROTO_TCP,
     RST,
     SYN,
-    IPv4Packet,
     PacketError,
     Segment,
     address_sum,
@@ -41,6 +40,7 @@ from norouter_trio.tcp.packets import (
     icmp_echo_reply,
     parse_ipv4,
     parse_tcp,
+    parse_tcp_fast,
 )
 
 log = logging.getLogger(__name__)
@@ -271,27 +271,32 @@ class TCPStack:
         """Handle one IPv4 packet; answers of the stack itself go to `take_output()`."""
         counters = self.counters
         counters["packets_in"] += 1
-        try:
-            ip = parse_ipv4(packet, verify_checksum=self.verify_checksums)
-            if ip.protocol != IPPROTO_TCP:
-                if ip.protocol == IPPROTO_ICMP and ip.dst == self.vip:
-                    reply = icmp_echo_reply(ip, self._next_ident())
-                    if reply is not None:
-                        counters["icmp_echo_replies"] += 1
-                        self._emit(reply)
-                        return None
-                raise PacketError("not_tcp", f"IP protocol {ip.protocol}")
-            pseudo = None
-            if self.verify_checksums:
-                pseudo = combine(ones_sum(ip.header[12:20]), IPPROTO_TCP + len(ip.payload))
-            seg = parse_tcp(ip.payload, pseudo_sum=pseudo)
-        except PacketError as exc:
-            counters["drop_" + exc.reason] = counters.get("drop_" + exc.reason, 0) + 1
-            log.debug("dropped packet: %s", exc)
-            return None
+        fast = parse_tcp_fast(packet, self.verify_checksums)
+        if fast is not None:
+            src, dst, seg = fast
+        else:
+            try:
+                ip = parse_ipv4(packet, verify_checksum=self.verify_checksums)
+                if ip.protocol != IPPROTO_TCP:
+                    if ip.protocol == IPPROTO_ICMP and ip.dst == self.vip:
+                        reply = icmp_echo_reply(ip, self._next_ident())
+                        if reply is not None:
+                            counters["icmp_echo_replies"] += 1
+                            self._emit(reply)
+                            return None
+                    raise PacketError("not_tcp", f"IP protocol {ip.protocol}")
+                pseudo = None
+                if self.verify_checksums:
+                    pseudo = combine(ones_sum(ip.header[12:20]), IPPROTO_TCP + len(ip.payload))
+                seg = parse_tcp(ip.payload, pseudo_sum=pseudo)
+            except PacketError as exc:
+                counters["drop_" + exc.reason] = counters.get("drop_" + exc.reason, 0) + 1
+                log.debug("dropped packet: %s", exc)
+                return None
+            src, dst = ip.src, ip.dst
         counters["segments_in"] += 1
         counters["bytes_in"] += len(seg.payload)
-        key = (ip.dst, seg.dst_port, ip.src, seg.src_port)
+        key = (dst, seg.dst_port, src, seg.src_port)
         conn = self.connections.get(key)
         if conn is not None:
             try:
@@ -305,12 +310,14 @@ class TCPStack:
                 )
                 conn.tcp.abort(now)
             return Delivered(conn)
-        return self._no_connection(ip, seg, key, now)
+        return self._no_connection(seg, key, now)
 
-    def _no_connection(self, ip: IPv4Packet, seg: Segment, key: Key, now: float) -> Outcome:
+    def _no_connection(self, seg: Segment, key: Key, now: float) -> Outcome:
         counters = self.counters
         flags = seg.flags
-        src_net, dst_net = ip.header[12], ip.header[16]
+        dst, src = key[0], key[2]
+        src_net = int(src[: src.index(".")])
+        dst_net = int(dst[: dst.index(".")])
         if (
             src_net == 0 or src_net >= 224 or dst_net >= 224 or not seg.src_port or not seg.dst_port
         ):  # broadcast/multicast/unspecified: never answered
@@ -329,7 +336,7 @@ class TCPStack:
             if flags & FIN:
                 counters["drop_syn_fin"] += 1
                 return None
-            listener: Address | None = (ip.dst, seg.dst_port)
+            listener: Address | None = (dst, seg.dst_port)
             if listener not in self.listeners:
                 listener = (WILDCARD, seg.dst_port)
                 if listener not in self.listeners:
@@ -347,13 +354,13 @@ class TCPStack:
                 self.pending[key] = pending
                 counters["accept_any_offered"] += 1
                 return NewPending(pending)
-            if ip.dst != self.vip:
+            if dst != self.vip:
                 counters["drop_not_for_us"] += 1
                 return None
             counters["syn_refused"] += 1
             self._reset_for(key, seg)
             return None
-        if ip.dst != self.vip and not self.accept_any:
+        if dst != self.vip and not self.accept_any:
             counters["drop_not_for_us"] += 1
             return None
         self._reset_for(key, seg)
