@@ -148,6 +148,73 @@ async def test_reset_and_close_sends_rst() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_join_sends_the_last_data_and_the_fin_of_an_os_peer_in_one_segment() -> None:
+    """An OS peer that wrote its answer and closed: the relay's stack side sends both in
+    one segment (data + FIN), and a new loopback-style connection sends what was already
+    read (`read_available`) with the handshake's ACK."""
+    from norouter_trio.agent.pump import read_available
+    from norouter_trio.tcp.netstack import NetStack
+
+    a_ip, b_ip = vips()
+    sent_by_b: list[tuple[int, bytes]] = []
+    b_raw = bytes(int(x) for x in b_ip.split("."))
+
+    async def wire(rx: trio.MemoryReceiveChannel[bytes],
+                   tx: trio.MemorySendChannel[bytes], record: bool) -> None:
+        async for packet in rx:
+            if record and packet[12:16] == b_raw:
+                tcp = packet[(packet[0] & 0x0F) * 4:]
+                sent_by_b.append((tcp[13], bytes(tcp[(tcp[12] >> 4) * 4:])))
+            await tx.send(packet)
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            a_out, a_rx = trio.open_memory_channel[bytes](64)
+            b_out, b_rx = trio.open_memory_channel[bytes](64)
+            a_in_tx, a_in = trio.open_memory_channel[bytes](64)
+            b_in_tx, b_in = trio.open_memory_channel[bytes](64)
+            sa, sb = NetStack(a_ip, a_out), NetStack(b_ip, b_out)
+            nursery.start_soon(wire, a_rx, b_in_tx, False)
+            nursery.start_soon(wire, b_rx, a_in_tx, True)
+            await nursery.start(sa.run, a_in)
+            await nursery.start(sb.run, b_in)
+            listener = sb.listen(b_ip, 80)
+
+            # An OS connection whose peer has already answered and shut down writing.
+            with socket.create_server(("127.0.0.1", 0)) as lsock:
+                peer = socket.create_connection(lsock.getsockname())
+                os_side_raw, _ = lsock.accept()
+            os_side_raw.setblocking(False)
+            os_side = trio.SocketStream(trio.socket.from_stdlib_socket(os_side_raw))
+            peer.sendall(b"the request")
+            await trio.lowlevel.wait_readable(os_side_raw)
+            first = read_available(os_side, 1 << 16)
+            assert first == b"the request"
+            assert read_available(os_side, 1 << 16) == b""  # nothing more yet, not EOF
+            # Linux delivers loopback segments within the sending call: answer and FIN
+            # are both waiting when the relay first reads.
+            peer.sendall(b"the answer")
+            peer.shutdown(socket.SHUT_WR)
+
+            client = await sa.connect(b_ip, 80, initial_data=first)
+            server = await listener.accept()
+            result: list[Any] = []
+
+            async def relay() -> None:
+                result.append(await join(server, os_side))
+
+            nursery.start_soon(relay)
+            assert await read_all(client) == b"the answer"
+            await client.aclose()
+            peer.setblocking(False)
+            peer_stream = trio.SocketStream(trio.socket.from_stdlib_socket(peer))
+            assert await read_all(peer_stream) == b"the request"  # then the relayed EOF
+            await peer_stream.aclose()
+            data_segments = [(f, p) for f, p in sent_by_b if p]
+            assert data_segments == [(0x19, b"the answer")]  # FIN|PSH|ACK, one segment
+            nursery.cancel_scope.cancel()
+
+
 # ---------------------------------------------------------------- listen errors
 
 

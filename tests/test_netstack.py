@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 from norouter_trio.tcp.connection import TCPConfig
-from norouter_trio.tcp.netstack import NetStack, PendingConnection, TCPStream
+from norouter_trio.tcp.netstack import NetStack, PendingConnection, TCPListener, TCPStream
 
 A, B = "127.0.42.101", "127.0.42.102"
 Tap = Callable[[bytes], "bytes | None"]  # the packet to pass on (maybe altered), or None
@@ -480,3 +480,101 @@ async def test_one_timer_task_serves_many_connections_losing_segments(
                 assert await server.receive_some() == b""
                 await server.aclose()
             assert len(sa._nursery.child_tasks) == 3
+
+
+# ---- fewer segments per connection ------------------------------------------------------
+
+_FIN, _SYN, _ACK = 0x01, 0x02, 0x10
+
+
+def _segments_from(src: str, seen: list[tuple[int, bytes]]) -> Tap:
+    """A tap recording (TCP flags, payload) of every segment sent by `src`."""
+    src_b = bytes(int(x) for x in src.split("."))
+
+    def tap(packet: bytes) -> bytes:
+        if packet[12:16] == src_b and packet[9] == 6:
+            tcp = packet[(packet[0] & 0x0F) * 4 :]
+            seen.append((tcp[13], bytes(tcp[(tcp[12] >> 4) * 4 :])))
+        return packet
+
+    return tap
+
+
+async def test_initial_data_rides_on_the_handshake_ack() -> None:
+    from_a: list[tuple[int, bytes]] = []
+    with trio.fail_after(10):
+        async with two_stacks(tap=[_segments_from(A, from_a)]) as (sa, sb, _):
+            listener = sb.listen(B, 80)
+            client = await sa.connect(B, 80, initial_data=b"GET / HTTP/1.0\r\n\r\n",
+                                      nodelay=True)
+            server = await listener.accept()
+            assert await server.receive_some() == b"GET / HTTP/1.0\r\n\r\n"
+            # SYN, then one segment: the handshake's ACK carrying the request.
+            assert [f & (_SYN | _ACK) for f, _ in from_a] == [_SYN, _ACK]
+            assert from_a[1][1] == b"GET / HTTP/1.0\r\n\r\n"
+            # A full segment's payload: the peer's MSS less the options every segment has.
+            assert 0 < client.segment_size <= TCPConfig().mss
+            await client.aclose()
+            await server.aclose()
+
+
+async def test_initial_data_larger_than_the_send_buffer_is_all_sent() -> None:
+    small = TCPConfig(send_buffer=16384, recv_buffer=16384)
+    payload = bytes(range(256)) * 400  # 100 KiB: six send buffers
+    with trio.fail_after(10):
+        async with two_stacks(small) as (sa, sb, nursery):
+            listener = sb.listen(B, 80)
+            got: list[bytes] = []
+            done = trio.Event()
+
+            async def serve() -> None:
+                server = await listener.accept()
+                buf = bytearray()
+                while data := await server.receive_some():
+                    buf += data
+                got.append(bytes(buf))
+                await server.aclose()
+                done.set()
+
+            nursery.start_soon(serve)
+            client = await sa.connect(B, 80, initial_data=payload)
+            await client.send_eof()
+            assert await client.receive_some() == b""
+            await client.aclose()
+            await done.wait()
+            assert got == [payload]
+
+
+async def test_send_last_puts_the_fin_on_the_data_and_the_reply_carries_the_ack() -> None:
+    from_b: list[tuple[int, bytes]] = []
+    with trio.fail_after(10):
+        async with two_stacks(tap=[_segments_from(B, from_b)]) as (sa, sb, _):
+            listener = sb.listen(B, 80)
+            client, server = await _pair_on(sa, listener)
+            server.set_nodelay(True)
+            before = len(from_b)
+            await client.send_all(b"question")
+            assert await server.receive_some() == b"question"
+            await server.send_last(b"answer")  # at once: the ACK of the question rides on it
+            assert await client.receive_some() == b"answer"
+            assert await client.receive_some() == b""
+            answered = from_b[before:]
+            assert [(f & (_FIN | _ACK), p) for f, p in answered] == [(_FIN | _ACK, b"answer")]
+            with pytest.raises(trio.ClosedResourceError):
+                await server.send_all(b"more")
+            client.close()  # the synchronous close: FIN, as aclose()
+            assert await server.receive_some() == b""
+            server.close()
+            server.close()  # idempotent
+
+
+async def _pair_on(sa: NetStack, listener: TCPListener) -> tuple[TCPStream, TCPStream]:
+    async with trio.open_nursery() as nursery:
+        accepted: list[TCPStream] = []
+
+        async def acc() -> None:
+            accepted.append(await listener.accept())
+
+        nursery.start_soon(acc)
+        client = await sa.connect(B, 80)
+    return client, accepted[0]

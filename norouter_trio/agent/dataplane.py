@@ -8,7 +8,8 @@ two pumps (``pump.join``) with half-close and resets carried through.
 
 - forwards: stack listener on VIP:LISTEN_PORT -> OS connection to CONNECT_HOST:PORT
 - loopback: OS listener on each `others` IP:PORT and name server -> stack connection to
-  the same address; own forwards also on the real VIP:LISTEN_PORT -> the target directly
+  the same address (what the client already sent rides on the handshake's ACK); own
+  forwards also on the real VIP:LISTEN_PORT -> the target directly
 - bastion: a SYN for an address that is not the VIP -> OS connection to that address
   first, then accept in the stack (or refuse with RST when the OS connect fails); the
   stack absorbs retransmitted SYNs meanwhile, and each SYN has its own decision task
@@ -31,7 +32,13 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from norouter_trio.agent.pump import STREAM_ERRORS, JoinResult, join, reset_and_close
+from norouter_trio.agent.pump import (
+    STREAM_ERRORS,
+    JoinResult,
+    join,
+    read_available,
+    reset_and_close,
+)
 from norouter_trio.messages import ConfigureArgs, Forward
 
 if TYPE_CHECKING:
@@ -54,6 +61,9 @@ DNS_PORT = 10053
 SEND_BUFFER = 512 * 1024
 #: Backlog of the OS listeners of loopback mode.
 OS_BACKLOG = 512
+#: Most bytes of a new loopback client's data read before the stack connection is
+#: opened (they ride on the handshake's ACK): one segment's worth.
+FIRST_READ = 64 * 1024
 
 
 class DataplaneError(Exception):
@@ -151,7 +161,9 @@ class DataPlane:
 
     # -- one joined connection
     async def _joined(self, kind: str, a: trio.abc.HalfCloseableStream,
-                      b: trio.abc.HalfCloseableStream, desc: Describe) -> None:
+                      b: trio.abc.HalfCloseableStream, desc: Describe, *,
+                      sent: int = 0) -> None:
+        """Join a and b (`sent`: bytes of a already passed to b, for the log line)."""
         self.counters["connections"] += 1
         self.counters["active"] += 1
         start = time.monotonic()
@@ -175,6 +187,7 @@ class DataPlane:
             result = await join(a, b)
         finally:
             self.counters["active"] -= 1
+        result.a_to_b += sent
         secs = time.monotonic() - start
         if result.error:
             self.counters["reset"] += 1
@@ -231,8 +244,17 @@ class DataPlane:
             return f"{_fmt(peer)} -> {ip}:{port} (loopback)"
 
         try:
+            # What the client already sent (a request usually arrives with the
+            # connection) goes out with the handshake's ACK: one frame less per connection.
+            first = read_available(sock, FIRST_READ)
+        except OSError as e:  # the client reset before we got to it
+            log.debug("%s: loopback %s: client gone before connecting: %s", self.label,
+                      desc(), e)
+            await trio.aclose_forcefully(sock)
+            return
+        try:
             with trio.fail_after(STACK_CONNECT_TIMEOUT):
-                stream = await self.stack.connect(ip, port)
+                stream = await self.stack.connect(ip, port, initial_data=first, nodelay=True)
         except (OSError, *STREAM_ERRORS, trio.TooSlowError) as e:
             why: BaseException = e
             if isinstance(e, trio.TooSlowError):
@@ -240,7 +262,7 @@ class DataPlane:
             self._refused("loopback", desc, why)
             await reset_and_close(sock)
             return
-        await self._joined("loopback", sock, stream, desc)
+        await self._joined("loopback", sock, stream, desc, sent=len(first))
 
     # -- loopback mode: own forwards on the real VIP -> target directly
     async def serve_loopback_own(self, listener: trio.SocketListener, fw: Forward) -> None:

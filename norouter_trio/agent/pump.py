@@ -15,8 +15,11 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import trio
+
+from norouter_trio.tcp.netstack import TCPStream
 
 #: Largest chunk moved per receive/send: big enough that per-call overhead stays small,
 #: small enough that a stalled reader pins little memory.
@@ -49,6 +52,15 @@ def abort_stream(stream: trio.abc.Stream) -> None:
             abort()
 
 
+def read_available(stream: trio.SocketStream, max_bytes: int) -> bytes:
+    """The bytes already waiting on an OS stream (b"" when none, or at EOF: a later read
+    sees the EOF again), without waiting. OSError if the peer reset it."""
+    try:
+        return os.read(stream.socket.fileno(), max_bytes)
+    except BlockingIOError:
+        return b""
+
+
 async def reset_and_close(stream: trio.abc.Stream) -> None:
     """Close with RST: the far end sees a reset, not a clean end of data."""
     abort_stream(stream)
@@ -64,19 +76,36 @@ async def pump(src: trio.abc.ReceiveStream, dst: trio.abc.SendStream, *,
     read/write, waiting for readiness only on EAGAIN): trio's SocketStream yields once
     after every successful call, one scheduling pass per chunk that a relay does not need
     since the other side's call yields anyway (the stack stream checkpoints on every
-    call). When both sides are OS sockets only the receiving side is direct.
+    call). When both sides are OS sockets only the receiving side is direct. From an OS
+    socket to a stack stream, a short read peeks for EOF: if the peer has closed, the last
+    data and the FIN go in one call (`TCPStream.send_last`), so in one segment.
     """
     moved = 0
     receive_some: Callable[[int], Awaitable[bytes | bytearray]] = src.receive_some
     send_all: Callable[[bytes | bytearray], Awaitable[None]] = dst.send_all
+    # A stack stream takes the last data and the FIN in one call (one segment less per
+    # request/response connection): a short read from an OS socket peeks for EOF.
+    send_last: Callable[[bytes | bytearray], Awaitable[None]] | None = getattr(
+        dst, "send_last", None)
+    at_eof: Callable[[], bool] | None = None
     if type(src) is trio.SocketStream:
         receive_some = _direct_receiver(src.socket.fileno())
+        if send_last is not None:
+            at_eof = _eof_peeker(src.socket)
+        # Reads in whole segments of the stack stream: a 256 KiB read is 4 full segments
+        # and a 212-byte runt otherwise (Nagle is off in a relay: it would go alone).
+        seg = int(getattr(dst, "segment_size", 0))
+        if 0 < seg < chunk:
+            chunk -= chunk % seg
     elif type(dst) is trio.SocketStream:
         send_all = _direct_sender(dst.socket.fileno())
     while True:
         data = await receive_some(chunk)
         if not data:
             break
+        if at_eof is not None and send_last is not None and len(data) < chunk and at_eof():
+            await send_last(data)
+            return moved + len(data)
         await send_all(data)
         moved += len(data)
     if isinstance(dst, trio.abc.HalfCloseableStream):
@@ -84,6 +113,23 @@ async def pump(src: trio.abc.ReceiveStream, dst: trio.abc.SendStream, *,
     else:
         await dst.aclose()
     return moved
+
+
+def _eof_peeker(sock: trio.socket.SocketType) -> Callable[[], bool]:
+    """True when the socket's next read would return EOF (peeks, never waits)."""
+    flags = socket.MSG_PEEK | socket.MSG_DONTWAIT
+    inner: Any = getattr(sock, "_sock", None)  # trio's wrapped stdlib socket, if visible
+    recv = getattr(inner, "recv", None)
+
+    def at_eof() -> bool:
+        if recv is None:
+            return False
+        try:
+            return not recv(1, flags)
+        except OSError:  # nothing yet (EAGAIN), or reset: the next read tells
+            return False
+
+    return at_eof
 
 
 def _direct_receiver(fd: int) -> Callable[[int], Awaitable[bytes]]:
@@ -147,9 +193,23 @@ async def join(a: trio.abc.HalfCloseableStream, b: trio.abc.HalfCloseableStream,
             await direction(a, b, True, nursery.cancel_scope)
     finally:
         # Closing never waits here (both stream kinds close at once, FIN after queued
-        # data, or RST once aborted), and aclose_forcefully does not raise Cancelled, so
-        # both get closed even while the agent is shutting down.
+        # data, or RST once aborted), so both get closed even while the agent is
+        # shutting down: synchronously when the stream allows it (no cancel scope and
+        # cancelled checkpoint per stream, as aclose_forcefully costs).
         for s in (a, b):
-            with contextlib.suppress(*STREAM_ERRORS):
-                await trio.aclose_forcefully(s)
+            if not close_now(s):
+                with contextlib.suppress(*STREAM_ERRORS):
+                    await trio.aclose_forcefully(s)
     return result
+
+
+def close_now(stream: trio.abc.AsyncResource) -> bool:
+    """Close an OS socket stream or a stack stream without awaiting (what their aclose()
+    does before its checkpoint); False for other kinds, which need aclose()."""
+    if type(stream) is trio.SocketStream:
+        stream.socket.close()
+        return True
+    if isinstance(stream, TCPStream):
+        stream.close()
+        return True
+    return False

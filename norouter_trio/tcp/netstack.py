@@ -2,10 +2,18 @@
 
 Shape: `NetStack.run` owns one nursery with
 - the *reader* (the body of `run`): takes L3 packets from the inbound channel, a batch at a
-  time without yielding between them, and feeds them to `TCPStack` synchronously;
-- the *writer*: pulls segments from connections marked dirty and puts the packets into
-  the outbound channel with `send_nowait`, awaiting only when it is full (so packets are
-  handed over in batches and the stdout writer can frame many per write);
+  time without yielding between them, feeds them to `TCPStack` synchronously, then puts
+  the output of the connections they touched into the outbound channel itself
+  (`send_nowait`: one ACK per connection per batch, no hand-off to another task);
+- output of application calls (`send_all`, a read that opens the window, `aclose`) goes
+  out at once, in the caller's task; except for a connection whose reader was just woken
+  by input: its output (the ACK, mostly) is *held* and flushed by the writer one
+  scheduling pass later, after that task ran, so the reply, the request after `connect`
+  or the FIN after EOF carries the ACK (one segment instead of two; never a timer);
+- the *writer*: flushes held output, and drains the *backlog*: packets the outbound
+  channel had no room for, awaiting room. It is the only place output waits; while the
+  backlog is not empty nothing else is added (order kept, at most one connection's output
+  pending there), the other connections keep theirs in the core;
 - the *timer* task: one for the whole stack, sleeping until the earliest of the cores'
   `get_timer()` deadlines, kept in a heap (one live entry per connection; no polling, no
   task per connection or packet). A deadline that moves later leaves its entry in place
@@ -17,7 +25,8 @@ Channel "full" behaviour (what we chose, and why it is safe):
 - inbound full: the stdio reader feeding us waits. That is backpressure, never loss; the
   peers' TCP windows bound how much can be in flight, so it cannot deadlock: our reader
   never waits on the outbound channel.
-- outbound full: the writer waits. Connections keep unsent data in their send buffers
+- outbound full: the writer waits (the rest stays in the backlog or, for the other
+  connections, in the core). Connections keep unsent data in their send buffers
   (bounded by `TCPConfig.send_buffer`); `send_all` waits for room; timers still fire.
   So a timer can run a connection (`handle_timer`) holding data queued by `send()` that
   no output has seen yet: the core must treat it as unsent (a tail loss probe taken from
@@ -53,10 +62,14 @@ from typing import ClassVar
 
 import trio
 from trio.lowlevel import (
+    Abort,
     ParkingLot,
     cancel_shielded_checkpoint,
     checkpoint,
     checkpoint_if_cancelled,
+    current_task,
+    reschedule,
+    wait_task_rescheduled,
 )
 
 from norouter_trio.tcp import checksum
@@ -88,6 +101,9 @@ DEFAULT_RECEIVE_SIZE = 65536
 #: apart) gets the connection's state logged; see `NetStack._stall_watch`.
 STALL_REPORT_AFTER = 10.0
 READ_BATCH = 64  # inbound packets handled per scheduling slice
+#: send_all() calls this big leave their output to the writer task (see send_all);
+#: smaller ones (requests, replies, keystrokes) are sent at once.
+DEFER_WRITES_FROM = 16 * 1024
 
 __all__ = ["NetStack", "PendingConnection", "TCPListener", "TCPStream"]
 
@@ -103,21 +119,25 @@ class _State:
         "eof_sent",
         "established",
         "finished",
+        "held",
         "listener",
         "local_closed",
-        "lot",
         "queued",
+        "reader",
         "receiving",
         "reset",
         "sending",
-        "write_lot",
+        "writer",
     )
 
     def __init__(self, conn: Conn, listener: TCPListener | None) -> None:
         self.conn = conn
         self.listener = listener
-        self.lot = ParkingLot()  # readers and connect/accept waiters
-        self.write_lot = ParkingLot()  # senders waiting for buffer room
+        # The one task waiting to read (or for connect/accept), and the one waiting for
+        # send-buffer room: `receiving` / `sending` allow no second one (a ParkingLot
+        # per connection cost more than the rest of setting it up).
+        self.reader: trio.lowlevel.Task | None = None
+        self.writer: trio.lowlevel.Task | None = None
         self.deadline = math.inf  # the core's get_timer() as the writer last saw it
         self.queued = math.inf  # the deadline of this connection's live timer-heap entry
         self.established = False
@@ -125,16 +145,57 @@ class _State:
         self.eof_sent = False
         self.reset = False
         self.finished = False
+        self.held = False  # output held for the writer to flush; see NetStack._after
         self.local_closed = False
         self.close_reason: CloseReason | None = None
         self.receiving = False
         self.sending = False
 
     def wake_all(self) -> None:
-        if self.lot:  # an empty ParkingLot still costs a call chain to unpark
-            self.lot.unpark_all()
-        if self.write_lot:
-            self.write_lot.unpark_all()
+        task = self.reader
+        if task is not None:
+            self.reader = None
+            reschedule(task)
+        task = self.writer
+        if task is not None:
+            self.writer = None
+            reschedule(task)
+
+    def wake_reader(self) -> None:
+        task = self.reader
+        if task is not None:
+            self.reader = None
+            reschedule(task)
+
+    def wake_writer(self) -> None:
+        task = self.writer
+        if task is not None:
+            self.writer = None
+            reschedule(task)
+
+    async def wait_reader(self) -> None:
+        """Park the reading (or connecting) task until `wake_reader`; a checkpoint."""
+        task = current_task()
+        self.reader = task
+
+        def abort(_: object) -> Abort:
+            if self.reader is task:
+                self.reader = None
+            return Abort.SUCCEEDED
+
+        await wait_task_rescheduled(abort)
+
+    async def wait_writer(self) -> None:
+        """Park the sending task until `wake_writer`; a checkpoint."""
+        task = current_task()
+        self.writer = task
+
+        def abort(_: object) -> Abort:
+            if self.writer is task:
+                self.writer = None
+            return Abort.SUCCEEDED
+
+        await wait_task_rescheduled(abort)
 
     def describe(self) -> str:
         (lip, lport), (rip, rport) = self.conn.local, self.conn.remote
@@ -171,7 +232,7 @@ def describe_connection(conn: Conn, st: _State | None, now: float) -> str:
     if st is not None:
         parts.append(
             f"armed={_rel(st.deadline, now)} queued={_rel(st.queued, now)}"
-            f" readers={len(st.lot)} writers={len(st.write_lot)}"
+            f" readers={int(st.reader is not None)} writers={int(st.writer is not None)}"
             f" eof={st.eof} eof_sent={st.eof_sent} closed={st.local_closed}"
         )
     return " ".join(parts)
@@ -200,7 +261,11 @@ class NetStack:
         self._stack = TCPStack(vip, config=config, verify_checksums=verify_checksums)
         self._nursery: trio.Nursery | None = None
         self._dirty: dict[_State, None] = {}
-        self._wake = trio.Event()
+        self._backlog: deque[bytes] = deque()  # output the channel had no room for
+        self._held: dict[_State, None] = {}  # output waiting for woken readers; see _after
+        self._hold_twice = False
+        self._writer_task: trio.lowlevel.Task | None = None  # set while the writer waits
+        self._batching = False  # the reader or timer runs: it flushes when done
         self._timers: list[tuple[float, int, _State]] = []  # heap; see _timer_loop
         self._timer_seq = 0  # tie-breaker: _State does not order
         self._timer_next = math.inf  # what the timer task sleeps until
@@ -316,17 +381,28 @@ class NetStack:
             listener._lot.unpark_all()
 
     async def _reader(self, inbound: trio.MemoryReceiveChannel[bytes]) -> None:
+        """Feed a batch of packets to the stack, then put its output in the outbound
+        channel at once, in this task: no hand-off to the writer (a scheduling pass per
+        batch), and one batch of input gives one ACK per connection, not one per packet."""
         receive_nowait = inbound.receive_nowait
         on_packet = self._on_packet
+        flush = self._flush
         async for packet in inbound:
             now = trio.current_time()
-            on_packet(packet, now)
-            for _ in range(READ_BATCH):
-                try:
-                    packet = receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
+            self._batching = True
+            try:
                 on_packet(packet, now)
+                for _ in range(READ_BATCH):
+                    try:
+                        packet = receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    on_packet(packet, now)
+            finally:
+                self._batching = False
+            flush()
+            if self._held:
+                self._kick()
 
     def _on_packet(self, packet: bytes, now: float) -> None:
         outcome = self._stack.receive_packet(packet, now)
@@ -351,7 +427,7 @@ class NetStack:
                 self._nursery.start_soon(
                     self._run_handler, handler, PendingConnection(self, outcome.pending)
                 )
-        self._wake.set()  # the stack may have queued RSTs or echo replies
+        # (the stack may have queued RSTs or echo replies: the reader flushes them)
 
     # ---- per-connection plumbing -------------------------------------------------------
 
@@ -361,27 +437,31 @@ class NetStack:
         self._require_running()
         return st
 
-    def _after(self, st: _State) -> None:
+    def _after(self, st: _State, *, defer: bool = False) -> None:
         """After any call into a connection: dispatch its events, move its timer, mark it
         for output."""
         tcp = st.conn.tcp
+        woke = False  # a reader (or connect) waiter: it may answer at once
         ev = tcp.next_event()
         while ev is not None:
             kind = type(ev)
             if kind is DataAvailable:
-                if st.lot:
-                    st.lot.unpark_all()
+                if st.reader is not None:
+                    st.wake_reader()
+                    woke = True
             elif kind is Writable:
-                if st.write_lot:
-                    st.write_lot.unpark_all()
+                if st.writer is not None:
+                    st.wake_writer()
             elif kind is EOFReceived:
                 st.eof = True
-                if st.lot:
-                    st.lot.unpark_all()
+                if st.reader is not None:
+                    st.wake_reader()
+                    woke = True
             elif kind is Established:
                 st.established = True
-                if st.lot:
-                    st.lot.unpark_all()
+                if st.reader is not None:
+                    st.wake_reader()
+                    woke = True
                 if st.listener is not None:
                     st.listener._on_established(st)
             elif kind is ConnectionReset:
@@ -390,12 +470,32 @@ class NetStack:
             elif isinstance(ev, ConnectionClosed):
                 self._on_closed(st, ev.reason)
             ev = tcp.next_event()
-        if st.write_lot and tcp.send_buffer_free:
+        if st.writer is not None and tcp.send_buffer_free:
             # Writable only follows a send() that was cut short; a buffer filled exactly
             # leaves wait_send_all_might_not_block() waiting, so wake it on any room.
-            st.write_lot.unpark_all()
-        self._dirty[st] = None
-        self._wake.set()
+            st.wake_writer()
+        if not self._batching:
+            # An application call: flush at once, unless the connection's output is
+            # held for a reply (below); then the writer sends it all together.
+            self._dirty[st] = None
+            if st.held or defer or self._nursery is None:
+                self._kick()
+            else:
+                self._flush()
+        elif woke and not st.finished and not tcp.bytes_in_send_buffer:
+            # Input woke this connection's reader: hold its output (an ACK, mostly) until
+            # that task has run, so what it sends in answer (a request after connect, a
+            # reply, the FIN after EOF) carries the ACK: one segment instead of two. The
+            # writer flushes it one scheduling pass later; never a timer. (Not when data
+            # is queued already, e.g. connect's initial_data: the ACK rides on that.)
+            self._held[st] = None
+            st.held = True
+            if self._writer_task is None:
+                # The writer is already runnable, maybe later in this very pass: then
+                # one yield would not be enough to let the woken reader run first.
+                self._hold_twice = True
+        else:
+            self._dirty[st] = None
 
     def _on_closed(self, st: _State, reason: CloseReason) -> None:
         st.finished = True
@@ -430,21 +530,31 @@ class NetStack:
         heappop = heapq.heappop
         while True:
             now = trio.current_time()
-            while heap and heap[0][0] <= now:
-                when, _, st = heappop(heap)
-                if when != st.queued or st.finished:
-                    continue  # superseded by an earlier entry, or the connection ended
-                st.queued = math.inf
-                tcp = st.conn.tcp
-                deadline = tcp.get_timer()
-                if deadline is None:
-                    st.deadline = math.inf
-                elif deadline <= now:
-                    st.deadline = math.inf  # the writer re-arms from get_timer()
-                    tcp.handle_timer(now)
-                    self._after(st)
-                else:
-                    self._set_deadline(st, deadline)  # moved later since queued
+            fired = False
+            self._batching = True
+            try:
+                while heap and heap[0][0] <= now:
+                    when, _, st = heappop(heap)
+                    if when != st.queued or st.finished:
+                        continue  # superseded by an earlier entry, or the connection ended
+                    st.queued = math.inf
+                    tcp = st.conn.tcp
+                    deadline = tcp.get_timer()
+                    if deadline is None:
+                        st.deadline = math.inf
+                    elif deadline <= now:
+                        st.deadline = math.inf  # _flush re-arms from get_timer()
+                        tcp.handle_timer(now)
+                        self._after(st)
+                        fired = True
+                    else:
+                        self._set_deadline(st, deadline)  # moved later since queued
+            finally:
+                self._batching = False
+            if fired:
+                self._flush()
+                if self._held:
+                    self._kick()
             if len(heap) > 64 and len(heap) > 4 * len(self._stack.connections):
                 live = [e for e in heap if e[0] == e[2].queued and not e[2].finished]
                 heap[:] = live
@@ -455,51 +565,117 @@ class NetStack:
                 await trio.sleep_forever()
             self._timer_scope = None
 
-    async def _writer(self) -> None:
+    def _kick(self) -> None:
+        """Wake the writer (if it waits): held output, big writes and the backlog are
+        flushed there, a scheduling pass later on purpose (see `_after`, `send_all`)."""
+        task = self._writer_task
+        if task is not None:
+            self._writer_task = None
+            trio.lowlevel.reschedule(task)
+
+    def _flush(self) -> None:
+        """Move the stack's pending output into the outbound channel without waiting.
+
+        When the channel is full the rest goes to the backlog, which only the writer
+        drains (awaiting room); while it is not empty nothing else is added, so packets
+        stay in order and the backlog holds one connection's output at most; the other
+        connections keep theirs in the core until then."""
+        if self._backlog:
+            return
+        backlog = self._backlog
+        send_nowait = self._outbound.send_nowait
         stack = self._stack
-        outbound = self._outbound
-        send_nowait = outbound.send_nowait
-        set_deadline = self._set_deadline
         try:
-            while True:
-                await self._wake.wait()
-                self._wake = trio.Event()
-                while True:
-                    packets = stack.take_output()
+            for packet in stack.take_output():
+                if backlog:
+                    backlog.append(packet)
+                    continue
+                try:
+                    send_nowait(packet)
+                except trio.WouldBlock:
+                    backlog.append(packet)
+            while self._dirty and not backlog:
+                dirty, self._dirty = self._dirty, {}
+                now = trio.current_time()
+                pending = iter(dirty)
+                for st in pending:
+                    packets = stack.output(st.conn, now)
+                    # Output arms timers (RTO, delayed ACK gone): move the deadline.
+                    if not st.finished:
+                        deadline = st.conn.tcp.get_timer()
+                        if deadline is None:
+                            deadline = math.inf
+                        if deadline != st.deadline:
+                            self._set_deadline(st, deadline)
                     for packet in packets:
+                        if backlog:
+                            backlog.append(packet)
+                            continue
                         try:
                             send_nowait(packet)
                         except trio.WouldBlock:
-                            await outbound.send(packet)
-                    if not self._dirty:
+                            backlog.append(packet)
+                    if backlog:
+                        for rest in pending:  # their turn comes after the backlog
+                            self._dirty[rest] = None
                         break
-                    dirty, self._dirty = self._dirty, {}
-                    now = trio.current_time()
-                    for st in dirty:
-                        packets = stack.output(st.conn, now)
-                        # Output arms timers (RTO, delayed ACK gone): move the deadline.
-                        if not st.finished:
-                            deadline = st.conn.tcp.get_timer()
-                            if deadline is None:
-                                deadline = math.inf
-                            if deadline != st.deadline:
-                                set_deadline(st, deadline)
-                        for packet in packets:
-                            try:
-                                send_nowait(packet)
-                            except trio.WouldBlock:
-                                await outbound.send(packet)
-                                now = trio.current_time()  # time passed while blocked
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            log.warning("%s: the outbound packet channel closed; stopping the stack", self.vip)
-            if self._nursery is not None:
-                self._nursery.cancel_scope.cancel()
+            self._outbound_gone()
+            return
+        if backlog:
+            self._kick()
+
+    def _outbound_gone(self) -> None:
+        log.warning("%s: the outbound packet channel closed; stopping the stack", self.vip)
+        self._backlog.clear()
+        self._dirty.clear()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def _writer(self) -> None:
+        """Flush output queued by application calls; drain the backlog, waiting for room
+        in the outbound channel (the only place the stack's output waits)."""
+        backlog = self._backlog
+        outbound = self._outbound
+        current_task = trio.lowlevel.current_task
+        wait = trio.lowlevel.wait_task_rescheduled
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._writer_task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        held = self._held
+        try:
+            while True:
+                if not backlog and not self._dirty and not held:
+                    self._writer_task = current_task()
+                    await wait(abort)
+                while backlog:
+                    await outbound.send(backlog[0])
+                    backlog.popleft()
+                if held:
+                    # The readers woken with these connections' input run in the next
+                    # pass (or two, see _after): flush after them.
+                    # (Connections held meanwhile wait for the next round.)
+                    twice = self._hold_twice
+                    self._hold_twice = False
+                    taken = held.copy()
+                    held.clear()
+                    await cancel_shielded_checkpoint()
+                    if twice:
+                        await cancel_shielded_checkpoint()
+                    self._dirty.update(taken)
+                    for st in taken:
+                        st.held = False
+                self._flush()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._outbound_gone()
 
     async def _wait_established(self, st: _State) -> None:
         while not st.established:
             if st.finished:
                 raise self._open_error(st)
-            await st.lot.park()
+            await st.wait_reader()
 
     def _open_error(self, st: _State) -> OSError:
         ip, port = st.conn.remote
@@ -520,15 +696,39 @@ class NetStack:
 
     # ---- public API --------------------------------------------------------------------
 
-    async def connect(self, ip: str, port: int, *, src_ip: str | None = None) -> TCPStream:
+    async def connect(
+        self,
+        ip: str,
+        port: int,
+        *,
+        src_ip: str | None = None,
+        initial_data: bytes | bytearray | memoryview = b"",
+        nodelay: bool = False,
+    ) -> TCPStream:
         """Open a connection through the stack, from `src_ip` (default the VIP).
+
+        `initial_data` is queued before the SYN goes out, so it rides on the ACK that
+        completes the handshake (one segment instead of a pure ACK then the data; what
+        does not fit the send buffer is sent once connected). `nodelay` is
+        `TCPStream.set_nodelay(True)` applied before that first segment.
 
         Raises ConnectionRefusedError (RST), TimeoutError (no SYN-ACK) or ValueError (bad
         address). Cancelling it aborts the half-open connection.
         """
         self._require_running()
-        conn = self._stack.connect(ip, port, trio.current_time(), src_ip=src_ip)
+        now = trio.current_time()
+        conn = self._stack.connect(ip, port, now, src_ip=src_ip)
         st = self._new_state(conn)
+        rest: memoryview | None = None
+        if nodelay:
+            conn.tcp.set_nodelay(True)
+        if initial_data:
+            view = memoryview(initial_data)
+            if view.itemsize != 1:
+                view = view.cast("B")
+            taken = conn.tcp.send(view, now)  # SYN-SENT queues (RFC 9293 §3.10.2)
+            if taken < len(view):
+                rest = view[taken:]
         self._after(st)
         try:
             await self._wait_established(st)
@@ -539,7 +739,14 @@ class NetStack:
             raise
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s: connected %s", self.vip, st.describe())
-        return TCPStream(self, st)
+        stream = TCPStream(self, st)
+        if rest is not None:
+            try:
+                await stream.send_all(rest)
+            except BaseException:
+                stream.abort()
+                raise
+        return stream
 
     def listen(self, ip: str, port: int, backlog: int = 128) -> TCPListener:
         """Listen on ip:port inside the stack (ip 0.0.0.0: any destination address)."""
@@ -624,7 +831,7 @@ class PendingConnection:
         if not self._decided:
             self._decided = True
             self._ns._stack.refuse_pending(self._pending.key)
-            self._ns._wake.set()
+            self._ns._kick()
 
 
 class TCPListener(trio.abc.Listener["TCPStream"]):
@@ -700,6 +907,15 @@ class TCPStream(trio.abc.HalfCloseableStream):
         """Disable Nagle's algorithm (True) for latency-sensitive request/response use."""
         self._st.conn.tcp.set_nodelay(on)
 
+    @property
+    def segment_size(self) -> int:
+        """Payload bytes of a full segment (the peer's MSS less the timestamp option; 0
+        if unknown). A relay writing in multiples of it sends no runt segment after each
+        chunk, which with Nagle off would go out alone."""
+        tcp = self._st.conn.tcp
+        n = int(getattr(tcp, "_smss", 0)) - (12 if getattr(tcp, "_ts_ok", False) else 0)
+        return max(n, 0)
+
     def _broken(self) -> trio.BrokenResourceError:
         st = self._st
         ip, port = st.conn.remote
@@ -725,8 +941,13 @@ class TCPStream(trio.abc.HalfCloseableStream):
         if st.sending:
             raise trio.BusyResourceError("another task is already sending on this stream")
         st.sending = True
+        # As trio's SocketStream: a cancel point, the work, then a shielded schedule
+        # point (unless it parked). So what the caller does next without yielding (a
+        # send_eof() after the last data) is queued before the writer flushes, and
+        # leaves in the same segment.
+        parked = False
         try:
-            await checkpoint()
+            await checkpoint_if_cancelled()
             self._check_send()
             total = len(data)
             if not total:
@@ -744,13 +965,45 @@ class TCPStream(trio.abc.HalfCloseableStream):
                     raise self._broken() from None
                 if taken:
                     offset += taken
-                    ns._after(st)
+                    # A big write (a relay's chunk) is flushed by the writer a pass
+                    # later: the next chunk may join it first, so the end of this one
+                    # fills a segment instead of leaving alone as a runt (autocorking).
+                    ns._after(st, defer=total >= DEFER_WRITES_FROM)
                     if offset >= total:
                         return
-                await st.write_lot.park()
+                parked = True
+                await st.wait_writer()
                 self._check_send()
         finally:
             st.sending = False
+            if not parked:
+                await cancel_shielded_checkpoint()
+
+    async def send_last(self, data: bytes | bytearray | memoryview) -> None:
+        """`send_all(data)` then `send_eof()` in one step, so the FIN leaves in the last
+        data segment (a relay that read data and then EOF: one segment less)."""
+        st = self._st
+        if st.sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        tcp = st.conn.tcp
+        if (
+            len(data) <= tcp.send_buffer_free
+            and not (st.local_closed or st.eof_sent or st.reset or st.finished)
+        ):
+            await checkpoint_if_cancelled()
+            try:
+                now = trio.current_time()
+                tcp.send(data, now)
+                st.eof_sent = True
+                tcp.shutdown_write(now)
+            except TCPStateError:
+                await cancel_shielded_checkpoint()
+                raise self._broken() from None
+            self._ns._after(st)
+            await cancel_shielded_checkpoint()
+            return
+        await self.send_all(data)
+        await self.send_eof()
 
     async def wait_send_all_might_not_block(self) -> None:
         st = self._st
@@ -761,7 +1014,7 @@ class TCPStream(trio.abc.HalfCloseableStream):
             await checkpoint()
             self._check_send()
             while st.conn.tcp.send_buffer_free == 0:
-                await st.write_lot.park()
+                await st.wait_writer()
                 self._check_send()
         finally:
             st.sending = False
@@ -770,19 +1023,22 @@ class TCPStream(trio.abc.HalfCloseableStream):
         st = self._st
         if st.sending:
             raise trio.BusyResourceError("another task is sending on this stream")
-        await checkpoint()
-        if st.local_closed:
-            raise trio.ClosedResourceError("this stream was closed")
-        if st.eof_sent:
-            return
-        if st.reset:
-            raise self._broken()
-        st.eof_sent = True
+        await checkpoint_if_cancelled()
         try:
-            st.conn.tcp.shutdown_write(trio.current_time())
-        except TCPStateError:
-            raise self._broken() from None
-        self._ns._after(st)
+            if st.local_closed:
+                raise trio.ClosedResourceError("this stream was closed")
+            if st.eof_sent:
+                return
+            if st.reset:
+                raise self._broken()
+            st.eof_sent = True
+            try:
+                st.conn.tcp.shutdown_write(trio.current_time())
+            except TCPStateError:
+                raise self._broken() from None
+            self._ns._after(st)
+        finally:
+            await cancel_shielded_checkpoint()  # after the work, as send_all
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if max_bytes is None:
@@ -817,7 +1073,7 @@ class TCPStream(trio.abc.HalfCloseableStream):
                 if st.reset or st.finished:
                     exc = self._broken()
                     break
-                await st.lot.park()
+                await st.wait_reader()
                 parked = True
             if not parked:
                 await cancel_shielded_checkpoint()
@@ -829,6 +1085,11 @@ class TCPStream(trio.abc.HalfCloseableStream):
         """Graceful close: FIN after queued data (RST if unread data remains)."""
         self._close(abort=False)
         await checkpoint()
+
+    def close(self) -> None:
+        """`aclose()` without its checkpoint, for a caller that closes in a `finally`
+        (never waits, never raises)."""
+        self._close(abort=False)
 
     def abort(self) -> None:
         """Reset the connection now (RST); pending data is discarded."""
