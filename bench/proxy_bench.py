@@ -23,7 +23,9 @@ Rounds interleave the paths so load from elsewhere hits them alike; each metric 
 median over rounds, and each path is shown against loopback mode of the same run.
 `--keepalive` adds the same with one connection for all N requests. Also shown: the CPU
 time per request of agent A (where the proxies run) and of manager + both agents, read
-from /proc: on a loaded machine it is steadier than the wall-clock figures.
+from /proc: on a loaded machine it is steadier than the wall-clock figures; and the
+context switches per request of those three processes (`cs`: each is a wake-up, so a
+segment or a reply more per connection shows here first).
 
 `--profile FILE` runs agent A under cProfile and writes FILE when the run ends
 (`python -m pstats FILE`, then `sort tottime`, `stats 30`).
@@ -140,6 +142,20 @@ class Network:
             return (int(fields[11]) + int(fields[12])) / tick
 
         return of(self.agent_a), sum(of(pid) for pid in self.network)
+
+    def switches(self) -> int:
+        """Context switches so far (voluntary + not) of manager + both agents: each is a
+        wake-up, and a segment or a reply more on the wire shows up here first."""
+        total = 0
+        for pid in self.network:
+            try:
+                text = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if "ctxt_switches:" in line:
+                    total += int(line.rsplit(None, 1)[1])
+        return total
 
     def manifest(self, origin_port: int, profile: str | None) -> str:
         # Random VIPs and ports: other test runs on this machine use 127.0.42.x too.
@@ -354,6 +370,7 @@ class Result:
     cpu_a: float  # agent A's CPU per request, microseconds
     cpu_all: float  # manager + agents
     cpu_mib: float  # agent A's CPU per MiB of the bulk download, milliseconds
+    switches: float  # context switches of manager + agents per request
 
 
 def _one_request(path: Path_) -> float:
@@ -370,6 +387,7 @@ def measure(net: Network, path: Path_, requests: int, bulk: int,
             keepalive: bool) -> Result:
     latencies: list[float] = []
     cpu0 = net.cpu()
+    cs0 = net.switches()
     cut = 0
     if keepalive:
         sock, buf = path.open()
@@ -392,6 +410,7 @@ def measure(net: Network, path: Path_, requests: int, bulk: int,
                 sock, buf = path.open()
     elapsed = time.perf_counter() - start
     cpu1 = net.cpu()
+    cs1 = net.switches()
     if keepalive:
         sock.close()
     mbs = cpu_mib = float("nan")
@@ -415,7 +434,8 @@ def measure(net: Network, path: Path_, requests: int, bulk: int,
                   p50=statistics.median(latencies) * 1e3,
                   p99=latencies[max(0, int(len(latencies) * 0.99) - 1)] * 1e3,
                   mbs=mbs, cut=cut, cpu_a=(cpu1[0] - cpu0[0]) / requests * 1e6,
-                  cpu_all=(cpu1[1] - cpu0[1]) / requests * 1e6, cpu_mib=cpu_mib)
+                  cpu_all=(cpu1[1] - cpu0[1]) / requests * 1e6, cpu_mib=cpu_mib,
+                  switches=(cs1 - cs0) / requests)
 
 
 def run_table(net: Network, paths: list[Path_], requests: int, bulk: int, rounds: int,
@@ -435,7 +455,8 @@ def run_table(net: Network, paths: list[Path_], requests: int, bulk: int, rounds
                         cut=sum(r.cut for r in rs),
                         cpu_a=statistics.median(r.cpu_a for r in rs),
                         cpu_all=statistics.median(r.cpu_all for r in rs),
-                        cpu_mib=statistics.median(r.cpu_mib for r in rs))
+                        cpu_mib=statistics.median(r.cpu_mib for r in rs),
+                        switches=statistics.median(r.switches for r in rs))
            for name, rs in runs.items()}
     base = med.get("loopback") or next(iter(med.values()))
     how = "one keep-alive connection" if keepalive else "a new connection per request"
@@ -444,13 +465,15 @@ def run_table(net: Network, paths: list[Path_], requests: int, bulk: int, rounds
           f"median of {rounds} round(s); cut short counted over all "
           f"{rounds * (requests + 1)} responses per path")
     print("(CPU A / CPU all: microseconds per request of agent A / of manager + both agents;"
-          " A ms/MiB: agent A's CPU per MiB of the download)")
+          " A ms/MiB: agent A's CPU per MiB of the download; cs: context switches per"
+          " request of manager + both agents)")
     print(f"{'path':<12}{'req/s':>8}{'vs loop':>9}{'p50 ms':>9}{'p99 ms':>9}"
-          f"{'MB/s':>8}{'vs loop':>9}{'cut':>5}{'CPU A':>8}{'CPU all':>9}{'A ms/MiB':>10}")
+          f"{'MB/s':>8}{'vs loop':>9}{'cut':>5}{'CPU A':>8}{'CPU all':>9}{'A ms/MiB':>10}"
+          f"{'cs':>6}")
     for name, r in med.items():
         print(f"{name:<12}{r.rate:>8.0f}{r.rate / base.rate - 1:>+9.0%}{r.p50:>9.2f}"
               f"{r.p99:>9.2f}{r.mbs:>8.0f}{r.mbs / base.mbs - 1:>+9.0%}{r.cut:>5d}"
-              f"{r.cpu_a:>8.0f}{r.cpu_all:>9.0f}{r.cpu_mib:>10.1f}")
+              f"{r.cpu_a:>8.0f}{r.cpu_all:>9.0f}{r.cpu_mib:>10.1f}{r.switches:>6.1f}")
 
 
 def main() -> None:

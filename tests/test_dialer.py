@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import http.server
 import ipaddress
+import socket
+import struct
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -44,9 +46,14 @@ class FakeStack:
         self.mapping = dict(mapping or {})
         self.blackhole = blackhole  # addresses whose SYNs are never answered
         self.calls: list[tuple[str, int]] = []
+        self.first: list[bytes] = []  # each stack dial's initial_data, if any
 
-    async def connect(self, ip: str, port: int) -> trio.abc.Stream:
+    async def connect(self, ip: str, port: int, *, initial_data: bytes = b"",
+                      nodelay: bool = False) -> trio.abc.Stream:
+        """`initial_data` is sent right after connecting (NetStack's rides on the ACK)."""
         self.calls.append((ip, port))
+        if initial_data:
+            self.first.append(bytes(initial_data))
         if ip in self.blackhole:
             await trio.sleep_forever()
         real = self.mapping.get((ip, port))
@@ -54,7 +61,10 @@ class FakeStack:
             real = ("127.0.43." + ip.rsplit(".", 1)[1], port)
         if real is None:
             raise ConnectionRefusedError(f"fake stack: nothing at {ip}:{port}")
-        return await trio.open_tcp_stream(*real)
+        stream = await trio.open_tcp_stream(*real)
+        if initial_data:
+            await stream.send_all(initial_data)
+        return stream
 
 
 class OSDialer:
@@ -369,6 +379,40 @@ async def test_splice_passes_data_and_half_closes_both_ways() -> None:
             assert back == b"pong"
 
 
+async def test_splice_passes_a_reset_on_to_the_other_side() -> None:
+    """A reset on one side resets the other (as the data plane's pumps do), promptly."""
+    async with stream_pair() as (a_out, a_in), stream_pair() as (b_in, b_out), \
+            trio.open_nursery() as nursery:
+        nursery.start_soon(splice, a_in, b_in)
+        with trio.fail_after(TIMEOUT):
+            await a_out.send_all(b"ping")
+            assert await b_out.receive_some(100) == b"ping"
+            b_out.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                    struct.pack("ii", 1, 0))
+            await b_out.aclose()  # RST
+            with pytest.raises(trio.BrokenResourceError):
+                while await a_out.receive_some(100):
+                    pass
+
+
+async def test_dial_sends_the_initial_data_first(web: OriginServer,
+                                                 outside: OriginServer) -> None:
+    """The first bytes go with the dial: handed to the stack's connect (to ride on the
+    handshake's ACK), sent right after connecting through the OS."""
+    fake = FakeStack()
+    dialer = make_dialer(fake, OSDialer())
+    request = b"GET /first HTTP/1.0\r\nHost: x\r\n\r\n"
+    for host, port in (("web", web.port), ("127.0.0.1", outside.port)):
+        with trio.fail_after(TIMEOUT):
+            stream = await dialer.dial(host, port, initial_data=request)
+            async with stream:
+                out = b""
+                while data := await stream.receive_some(65536):
+                    out += data
+        assert b"path /first" in out
+    assert fake.first == [request]
+
+
 async def test_byte_reader() -> None:
     async with stream_pair() as (a, b):
         await a.send_all(b"\x05\x01\x00user\x00name\x00rest")
@@ -403,8 +447,6 @@ class _Link:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -177,6 +177,18 @@ async def test_close_delimited_response_and_http10_client(
 # --- errors --------------------------------------------------------------------------
 
 
+async def test_connect_passes_on_what_the_client_sent_without_waiting(
+        web: OriginServer, stack: FakeStack, os_dialer: OSDialer) -> None:
+    """A client that sends its request right behind CONNECT, in the same write: the
+    request goes with the dial, the answer comes after the 200."""
+    request = (b"CONNECT web:%d HTTP/1.1\r\nHost: web:%d\r\n\r\n" % (web.port, web.port)
+               + b"GET /pipelined HTTP/1.0\r\nHost: web\r\n\r\n")
+    async with http_proxy(make_dialer(stack, os_dialer)) as proxy:
+        out = await raw_exchange(proxy, request)
+    assert out.startswith(b"HTTP/1.1 200 Connection established\r\n\r\nHTTP/1.1 200 OK")
+    assert b"path /pipelined" in out
+
+
 async def test_unreachable_destination_is_502_with_the_reason(
         web: OriginServer, stack: FakeStack, os_dialer: OSDialer) -> None:
     closed = trio.socket.socket()

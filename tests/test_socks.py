@@ -186,7 +186,8 @@ async def test_stalled_handshake_is_closed(web: OriginServer) -> None:
     assert out == s5_reply(1)
 
 
-async def _refuse_all(host: str, port: int) -> trio.abc.Stream:
+async def _refuse_all(host: str, port: int, *, initial_data: bytes = b"",
+                      nodelay: bool = False) -> trio.abc.Stream:
     raise ConnectionRefusedError(f"{host}:{port}: nothing reachable in this test")
 
 

@@ -10,21 +10,24 @@ Names matching a route's glob are resolved by the `via` host's built-in DNS, rea
 through the stack (TCP to VIP:10053); the addresses learned are remembered and reported
 to the manager (a `routeSuggestion` event) so its packets for them go to `via`.
 
-Also here: `ByteReader` (exact reads over a trio stream, for the DNS and SOCKS parsers)
-and `splice` (join two streams, half-close aware), shared by the proxies.
+Also here, shared by the proxies: `ByteReader` (exact reads over a trio stream, for the
+DNS and SOCKS parsers), `receiver` / `sender` (a client socket read and written on its
+descriptor) and `splice` (join two streams, half-close aware: the data plane's pumps).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
 import ipaddress
 import logging
+import os
 import socket
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NoReturn, Protocol, TypeVar, cast
 
 import dns.exception
 import dns.flags
@@ -33,12 +36,21 @@ import dns.rcode
 import dns.rdatatype
 import trio
 
+from norouter_trio.agent.pump import STREAM_ERRORS, abort_stream, join
 from norouter_trio.messages import ConfigureArgs, RouteSuggestion
 
 log = logging.getLogger(__name__)
 
 StreamConnect = Callable[[str, int], Awaitable[trio.abc.Stream]]
-"""`async (host_or_ip, port) -> stream`: the stack's `connect`, or an OS dialer."""
+"""`async (host_or_ip, port) -> stream`: an OS dialer."""
+
+
+class StackConnect(Protocol):
+    """`NetStack.connect`: `initial_data` is queued before the SYN and leaves with the
+    handshake's ACK (one segment less per connection); `nodelay` turns Nagle off."""
+
+    async def __call__(self, ip: str, port: int, *, initial_data: bytes = b"",
+                       nodelay: bool = False) -> trio.abc.Stream: ...
 
 SuggestRoute = Callable[[list[str], str], None]
 """`(ips, via_vip) -> None`: tell the manager to send packets for `ips` to `via_vip`."""
@@ -135,13 +147,14 @@ def _classify_os_error(exc: BaseException) -> tuple[DialErrorCode, str]:
 class Dialer:
     """Chooses stack or OS for each destination and connects.
 
-    `stack_connect` is `NetStack.connect` in production; tests pass any
-    `async (ip, port) -> Stream`. All dials are bounded by `connect_timeout`.
+    `stack_connect` is `NetStack.connect` in production (tests pass a stand-in with the
+    same keywords): the first bytes of a dial through the stack ride on the handshake's
+    ACK. All dials are bounded by `connect_timeout`.
     """
 
     def __init__(
         self,
-        stack_connect: StreamConnect,
+        stack_connect: StackConnect,
         *,
         hostname_map: Mapping[str, str],
         routes: Sequence[RouteLike] = (),
@@ -179,7 +192,7 @@ class Dialer:
         self._name_cache: dict[str, tuple[list[str], float]] = {}  # name -> (ips, expiry)
 
     @classmethod
-    def from_args(cls, args: ConfigureArgs, stack_connect: StreamConnect,
+    def from_args(cls, args: ConfigureArgs, stack_connect: StackConnect,
                   send_event: Callable[[RouteSuggestion], None] | None = None,
                   **kwargs: Any) -> Dialer:
         """Build from the configure args; `send_event` is `AgentLink.send_event`."""
@@ -219,30 +232,30 @@ class Dialer:
 
     # -- dialling ---------------------------------------------------------------------
 
-    async def dial(self, host: str, port: int) -> trio.abc.Stream:
-        """Connect to host:port through the stack or the OS; raises `DialError`."""
+    async def dial(self, host: str, port: int, *,
+                   initial_data: bytes = b"") -> trio.abc.Stream:
+        """Connect to host:port through the stack or the OS and send `initial_data`
+        (through the stack, on the handshake's ACK when it can); raises `DialError`."""
         name = normalize_host(host)
         if not name:
             raise DialError(host, port, "empty host name", "resolve")
         if not 0 < port < 65536:
             raise DialError(host, port, "bad port", "unreachable")
-        try:
-            with trio.fail_after(self.connect_timeout):
-                return await self._dial(name, port)
-        except trio.TooSlowError:
-            raise DialError(host, port, f"no answer within {self.connect_timeout:g}s",
-                            "timeout") from None
+        # A bare scope rather than fail_after: no generator-based context manager per dial.
+        with trio.CancelScope(deadline=trio.current_time() + self.connect_timeout):
+            return await self._dial(name, port, initial_data)
+        raise DialError(host, port, f"no answer within {self.connect_timeout:g}s", "timeout")
 
-    async def _dial(self, name: str, port: int) -> trio.abc.Stream:
+    async def _dial(self, name: str, port: int, first: bytes) -> trio.abc.Stream:
         if _ipv4(name) is not None:
             if self.is_interesting_ip(name):
-                return await self._via_stack(name, name, port)
-            return await self._via_os(name, port)
+                return await self._via_stack(name, name, port, first)
+            return await self._via_os(name, port, first)
         if _is_ipv6(name):
-            return await self._via_os(name, port)  # the virtual network is IPv4-only
+            return await self._via_os(name, port, first)  # the virtual network is IPv4-only
         vip = self.hostname_map.get(name)
         if vip is not None:
-            return await self._via_stack(name, vip, port)
+            return await self._via_stack(name, vip, port, first)
         if len(name) > 253 or any(not 0 < len(label) < 64 for label in name.split(".")):
             # No resolver takes it (RFC 1035 §2.3.4); say so rather than fail inside one.
             raise DialError(name, port, "not a valid host name (labels of 1 to 63 bytes, "
@@ -256,17 +269,17 @@ class Dialer:
             last: DialError | None = None
             for ip in ips:
                 try:
-                    return await self._via_stack(name, ip, port)
+                    return await self._via_stack(name, ip, port, first)
                 except DialError as exc:
                     last = exc
             assert last is not None
             raise last
-        return await self._via_os(name, port)
+        return await self._via_os(name, port, first)
 
-    async def _via_stack(self, name: str, ip: str, port: int) -> trio.abc.Stream:
+    async def _via_stack(self, name: str, ip: str, port: int, first: bytes) -> trio.abc.Stream:
         log.debug("dial %s:%d via stack (%s)", name, port, ip)
         try:
-            stream = await self._stack_connect(ip, port)
+            return await self._stack_connect(ip, port, initial_data=first, nodelay=True)
         except ConnectionRefusedError:
             raise DialError(name, port, "connection refused", "refused") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -275,18 +288,20 @@ class Dialer:
         except OSError as exc:
             code, reason = _classify_os_error(exc)
             raise DialError(name, port, reason, code) from None
-        set_nodelay = getattr(stream, "set_nodelay", None)
-        if callable(set_nodelay):
-            set_nodelay(True)
-        return stream
 
-    async def _via_os(self, name: str, port: int) -> trio.abc.Stream:
+    async def _via_os(self, name: str, port: int, first: bytes) -> trio.abc.Stream:
         log.debug("dial %s:%d via OS", name, port)
         try:
-            return await self._os_connect(name, port)
+            stream = await self._os_connect(name, port)
+            if first:
+                await _send_first(stream, first)
+            return stream
         except OSError as exc:
             code, reason = _classify_os_error(exc)
             raise DialError(name, port, reason, code) from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:  # first bytes
+            raise DialError(name, port, f"closed at once: {exc or type(exc).__name__}",
+                            "unreachable") from None
         except UnicodeError as exc:  # the resolver's IDNA encoding refused the name
             raise DialError(name, port, f"name not resolved ({exc})", "resolve") from None
 
@@ -355,6 +370,15 @@ class Dialer:
         return ips, ttl
 
 
+async def _send_first(stream: trio.abc.Stream, data: bytes) -> None:
+    """Send a dial's first bytes; a failure closes the new stream (the dial fails)."""
+    try:
+        await stream.send_all(data)
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+
+
 def parse_listen(value: str, what: str) -> tuple[str, int]:
     """`HOST:PORT` of `http.listen` / `socks.listen` -> (host, port); ValueError names it."""
     host, sep, port = value.rpartition(":")
@@ -366,6 +390,56 @@ def parse_listen(value: str, what: str) -> tuple[str, int]:
 
 # -- stream helpers -----------------------------------------------------------------------
 
+Receive = Callable[[int], Awaitable[bytes | bytearray]]
+Send = Callable[[bytes | bytearray], Awaitable[None]]
+
+
+def receiver(stream: trio.abc.ReceiveStream) -> Receive:
+    """`receive_some` for `stream`; an OS socket is read on its descriptor.
+
+    trio's SocketStream yields to the scheduler after every call that succeeds (and goes
+    through two context managers): a proxy handshake or tunnel pays a scheduling pass per
+    read for nothing, since its next step (a dial, a send, a wait for more) yields anyway.
+    Only the plain read is skipped: it still waits in trio, so timeouts and cancellation
+    work as before. Errors are OSError (a reset) rather than BrokenResourceError.
+    """
+    if type(stream) is not trio.SocketStream:
+        return stream.receive_some
+    fd = stream.socket.fileno()
+    read = os.read
+    wait_readable = trio.lowlevel.wait_readable
+
+    async def receive_some(max_bytes: int) -> bytes:
+        while True:
+            try:
+                return read(fd, max_bytes)
+            except BlockingIOError:
+                await wait_readable(fd)
+
+    return receive_some
+
+
+def sender(stream: trio.abc.SendStream) -> Send:
+    """`send_all` for `stream`; an OS socket is written on its descriptor (see `receiver`).
+    A send that does not block does not yield."""
+    if type(stream) is not trio.SocketStream:
+        return stream.send_all
+    fd = stream.socket.fileno()
+    write = os.write
+    wait_writable = trio.lowlevel.wait_writable
+
+    async def send_all(data: bytes | bytearray) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = write(fd, view)
+            except BlockingIOError:
+                await wait_writable(fd)
+                continue
+            view = view[n:]
+
+    return send_all
+
 
 class ShortRead(EOFError):
     """The peer closed the stream in the middle of something we had to read whole."""
@@ -376,11 +450,12 @@ class ByteReader:
 
     def __init__(self, stream: trio.abc.ReceiveStream, chunk: int = 65536) -> None:
         self.stream = stream
+        self._receive = receiver(stream)
         self._chunk = chunk
         self._buf = bytearray()
 
     async def _fill(self) -> None:
-        data = await self.stream.receive_some(self._chunk)
+        data = await self._receive(self._chunk)
         if not data:
             raise ShortRead(f"peer closed after {len(self._buf)} buffered bytes")
         self._buf += data
@@ -413,32 +488,57 @@ class ByteReader:
         return out
 
 
+#: accept() errors that mean "out of descriptors or memory for now": wait, then go on.
+_ACCEPT_CAPACITY = frozenset(getattr(errno, n) for n in ("EMFILE", "ENFILE", "ENOMEM", "ENOBUFS")
+                             if hasattr(errno, n))
+
+S = TypeVar("S", bound=trio.abc.AsyncResource)
+
+
+async def serve_streams(listener: trio.abc.Listener[S], handler: Callable[[S], Awaitable[None]],
+                        what: str) -> NoReturn:
+    """Accept forever; each stream goes to `handler` in a task of its own.
+
+    As `trio.serve_listeners` for one listener, less per connection: no wrapper task
+    frame and no forced close after the handler, which closes its stream itself on every
+    path. Out of descriptors (EMFILE and friends), it logs and retries after 0.1 s.
+    """
+    async with listener, trio.open_nursery() as nursery:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY:
+                    raise
+                log.error("%s: accept failed: %s; retrying in 0.1 s", what, exc)
+                await trio.sleep(0.1)
+                continue
+            nursery.start_soon(handler, stream)
+
+
 async def splice(a: trio.abc.Stream, b: trio.abc.Stream, *, a_to_b_first: bytes = b"") -> None:
     """Copy both ways until both directions end; EOF is passed on as a half-close.
 
-    A reset or error on either side ends both directions. Closes both streams.
+    The data plane's `pump.join`, as loopback mode uses it: one task per direction at
+    most, an OS socket read or written on its descriptor. A reset or error on either side
+    resets both (the far ends learn it, as from loopback mode). Closes both streams.
     """
-    async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, first: bytes,
-                   scope: trio.CancelScope) -> None:
+    if a_to_b_first:
         try:
-            if first:
-                await dst.send_all(first)
-            while True:
-                data = await src.receive_some(SPLICE_CHUNK)
-                if not data:
-                    break
-                await dst.send_all(data)
-            if isinstance(dst, trio.abc.HalfCloseableStream):
-                await dst.send_eof()
+            await b.send_all(a_to_b_first)
+        except BaseException as exc:
+            if isinstance(exc, STREAM_ERRORS):
+                log.debug("splice ended: %s", exc or type(exc).__name__)
+            for s in (a, b):
+                abort_stream(s)
+                with contextlib.suppress(*STREAM_ERRORS):
+                    await trio.aclose_forcefully(s)
+            if isinstance(exc, STREAM_ERRORS):
                 return
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            log.debug("splice ended: %s", exc or type(exc).__name__)
-        scope.cancel()
-
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump, a, b, a_to_b_first, nursery.cancel_scope)
-            nursery.start_soon(pump, b, a, b"", nursery.cancel_scope)
-    finally:
-        await trio.aclose_forcefully(a)
-        await trio.aclose_forcefully(b)
+            raise
+    # Both kinds of stream the proxies join are half-closeable (trio's SocketStream, the
+    # stack's TCPStream); `pump` closes a destination that is not, after its EOF.
+    result = await join(cast(trio.abc.HalfCloseableStream, a),
+                        cast(trio.abc.HalfCloseableStream, b))
+    if result.error is not None:
+        log.debug("splice ended: %s", result.error)

@@ -36,6 +36,9 @@ from norouter_trio.agent.dialer import (
     Dialer,
     DialError,
     format_host_port,
+    receiver,
+    sender,
+    serve_streams,
     splice,
 )
 
@@ -298,6 +301,10 @@ class _ProxyConnection:
     def __init__(self, stream: trio.abc.Stream, dialer: Dialer, *, max_header_bytes: int,
                  idle_timeout: float) -> None:
         self.stream = stream
+        # The client's socket read and written on its descriptor: no scheduling pass
+        # after each call (the upstream side, a stack stream, yields anyway).
+        self.receive = receiver(stream)
+        self.send = sender(stream)
         self.dialer = dialer
         self.idle_timeout = idle_timeout
         self.max_header_bytes = max_header_bytes
@@ -310,7 +317,7 @@ class _ProxyConnection:
     async def run(self) -> None:
         # One scope for the connection, armed only while waiting for a request (cheaper
         # than a new scope per request); when it fires the connection just closes.
-        idle = trio.CancelScope()
+        idle = trio.CancelScope(deadline=trio.current_time() + self.idle_timeout)
         try:
             with idle:
                 await self.serve(idle)
@@ -325,9 +332,8 @@ class _ProxyConnection:
                 await trio.aclose_forcefully(self.stream)
 
     async def serve(self, idle: trio.CancelScope) -> None:
-        while True:
+        while True:  # `idle` is armed on entry and again after each request
             self.answered = False
-            idle.deadline = trio.current_time() + self.idle_timeout
             head = await self.read_request_head()
             idle.deadline = math.inf
             if head is None:
@@ -338,6 +344,7 @@ class _ProxyConnection:
                 return
             if not await self.forward(request):
                 return
+            idle.deadline = trio.current_time() + self.idle_timeout
 
     async def read_request_head(self) -> bytes | None:
         """The next request head (without the blank line); None when the client closed."""
@@ -356,7 +363,7 @@ class _ProxyConnection:
             if len(buf) > limit:
                 break
             scanned = len(buf)
-            data = await self.stream.receive_some(CHUNK)
+            data = await self.receive(CHUNK)
             if not data:
                 if buf:
                     raise _HTTPError(400, "the request head was cut short")
@@ -372,7 +379,7 @@ class _ProxyConnection:
         body = message.encode("utf-8", "replace") + b"\n"
         try:
             with trio.move_on_after(5):
-                await self.stream.send_all(
+                await self.send(
                     b"HTTP/1.1 %d %b\r\ncontent-type: text/plain; charset=utf-8\r\n"
                     b"content-length: %d\r\nconnection: close\r\n\r\n%b"
                     % (status, _reason(status), len(body), body))
@@ -384,13 +391,15 @@ class _ProxyConnection:
             await trio.aclose_forcefully(self.upstream.stream)
             self.upstream = None
 
-    async def get_upstream(self, host: str, port: int) -> _Upstream:
+    async def get_upstream(self, host: str, port: int, head: bytes) -> tuple[_Upstream, bool]:
+        """The upstream for host:port, kept or dialled; True when it is new and `head`
+        went with the dial (through the stack: on the handshake's ACK)."""
         key = (host.lower(), port)
         if self.upstream is not None and self.upstream.key == key:
-            return self.upstream
+            return self.upstream, False
         await self.drop_upstream()
-        self.upstream = _Upstream(key, await self.dialer.dial(host, port))
-        return self.upstream
+        self.upstream = _Upstream(key, await self.dialer.dial(host, port, initial_data=head))
+        return self.upstream, True
 
     async def connect_tunnel(self, request: _Request) -> None:
         try:
@@ -403,8 +412,10 @@ class _ProxyConnection:
                 await self.skip_body(request)
             if slow.cancelled_caught:
                 return
+        early = bytes(self.buf)  # the client did not wait for our answer: pass it on
+        self.buf.clear()
         try:
-            upstream = await self.dialer.dial(host, port)
+            upstream = await self.dialer.dial(host, port, initial_data=early)
         except DialError as exc:
             log.info("HTTP proxy: CONNECT %s: %s", format_host_port(host, port), exc.reason)
             await self.send_error(502, str(exc))
@@ -412,15 +423,13 @@ class _ProxyConnection:
         await self.drop_upstream()
         self.answered = True
         try:
-            await self.stream.send_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            await self.send(b"HTTP/1.1 200 Connection established\r\n\r\n")
         except _STREAM_ERRORS:
             await trio.aclose_forcefully(upstream)
             raise
-        log.debug("HTTP proxy: CONNECT %s", format_host_port(host, port))
-        early = bytes(self.buf)
-        self.buf.clear()
+        log.debug("HTTP proxy: CONNECT %s:%d", host, port)
         self.spliced = True  # splice closes both streams
-        await splice(self.stream, upstream, a_to_b_first=early)
+        await splice(self.stream, upstream)
 
     async def skip_body(self, request: _Request) -> None:
         async def discard(data: bytes) -> None:
@@ -442,7 +451,7 @@ class _ProxyConnection:
         is_head = request.method == b"HEAD"
         for attempt in range(2):
             try:
-                upstream = await self.get_upstream(host, port)
+                upstream, sent = await self.get_upstream(host, port, head)
             except DialError as exc:
                 log.info("HTTP proxy: %s %s: %s", request.method.decode("ascii", "replace"),
                          format_host_port(host, port), exc.reason)
@@ -452,10 +461,11 @@ class _ProxyConnection:
             try:
                 if request.has_body:
                     client_ok, upstream_ok = await self.exchange_with_body(
-                        upstream, request, head, is_head)
+                        upstream, request, b"" if sent else head, is_head)
                 else:
                     try:
-                        await upstream.stream.send_all(head)
+                        if not sent:
+                            await upstream.stream.send_all(head)
                     except _STREAM_ERRORS as exc:
                         raise _UpstreamFailed(str(exc) or "connection closed", started=False,
                                               idle=True) from None
@@ -497,14 +507,14 @@ class _ProxyConnection:
                     data = bytes(buf)
                     buf.clear()
                     await send(data)
-                more = await self.stream.receive_some(CHUNK)
+                more = await self.receive(CHUNK)
                 if not more:
                     raise trio.BrokenResourceError("client closed in the request body")
                 buf += more
         left = request.length or 0
         while left:
             if not buf:
-                more = await self.stream.receive_some(CHUNK)
+                more = await self.receive(CHUNK)
                 if not more:
                     raise trio.BrokenResourceError(f"client closed with {left} body bytes "
                                                    "to go")
@@ -519,9 +529,11 @@ class _ProxyConnection:
 
     async def exchange_with_body(self, upstream: _Upstream, request: _Request, head: bytes,
                                  is_head: bool) -> tuple[bool, bool]:
-        """Stream the body up while the response comes back (a server may answer early)."""
+        """Stream the body up while the response comes back (a server may answer early);
+        `head` is empty when it went with the dial."""
         try:
-            await upstream.stream.send_all(head)
+            if head:
+                await upstream.stream.send_all(head)
         except _STREAM_ERRORS as exc:
             raise _UpstreamFailed(str(exc) or "connection closed", started=False) from None
         body_done = trio.Event()
@@ -617,7 +629,7 @@ class _ProxyConnection:
                 break
             if status != 101 and request.http11:  # 100 Continue and friends
                 self.answered = True
-                await self.stream.send_all(b"".join([
+                await self.send(b"".join([
                     b"HTTP/1.1 ", m[2], b" ", m[3] or b"", b"\r\n",
                     *[b"%b: %b\r\n" % (n, v) for n, v in headers if n.lower() not in skip],
                     b"\r\n"]))
@@ -652,7 +664,7 @@ class _ProxyConnection:
                          head: bytes) -> bool:
         """Send `head` and the body; True when the upstream ended the message cleanly
         with nothing extra (it may be reused)."""
-        buf, send = upstream.buf, self.stream.send_all
+        buf, send = upstream.buf, self.send
         receive = upstream.stream.receive_some
 
         async def more() -> bytes | bytearray:
@@ -741,5 +753,6 @@ async def serve_http_proxy(listener: trio.abc.Listener[trio.abc.Stream], dialer:
                                                idle_timeout=idle_timeout)
         except Exception:
             log.exception("HTTP proxy: connection handler failed")
+            await trio.aclose_forcefully(stream)
 
-    await trio.serve_listeners(handler, [listener])
+    await serve_streams(listener, handler, "HTTP proxy")

@@ -23,6 +23,9 @@ from norouter_trio.agent.dialer import (
     ByteReader,
     Dialer,
     DialError,
+    Send,
+    sender,
+    serve_streams,
     splice,
 )
 
@@ -99,14 +102,14 @@ async def _socks4_request(reader: ByteReader) -> tuple[str, int, int]:
     return host, port, command
 
 
-async def _socks5(stream: trio.abc.Stream, reader: ByteReader) -> tuple[str, int]:
+async def _socks5(send: Send, reader: ByteReader) -> tuple[str, int]:
     """After the version byte: negotiate the method, read the request -> (host, port)."""
     (count,) = await reader.read_exactly(1)
     methods = await reader.read_exactly(count)
     if SOCKS5_NO_AUTH not in methods:
         raise SocksRefused(bytes([5, SOCKS5_NO_ACCEPTABLE_METHOD]),
                            f"SOCKS5: no acceptable method in {list(methods)}")
-    await stream.send_all(bytes([5, SOCKS5_NO_AUTH]))
+    await send(bytes([5, SOCKS5_NO_AUTH]))
     version, command, _reserved, atyp = await reader.read_exactly(4)
     if version != 5:
         raise SocksRefused(socks5_reply(REP_GENERAL_FAILURE),
@@ -155,6 +158,7 @@ async def handle_socks_connection(stream: trio.abc.Stream, dialer: Dialer, *,
                                   handshake_timeout: float = 30.0) -> None:
     """Serve one SOCKS client: handshake (bounded in time), dial, then splice."""
     reader = ByteReader(stream, chunk=4096)
+    send = sender(stream)
     version = 0
     upstream: trio.abc.Stream | None = None
     spliced = False  # splice closes both streams itself
@@ -164,33 +168,34 @@ async def handle_socks_connection(stream: trio.abc.Stream, dialer: Dialer, *,
             if version == 4:
                 host, port, _ = await _socks4_request(reader)
             elif version == 5:
-                host, port = await _socks5(stream, reader)
+                host, port = await _socks5(send, reader)
             else:
                 log.info("SOCKS: unknown version %d: closing", version)
                 return
             try:
-                upstream = await dialer.dial(host, port)
+                # What the client sent without waiting for our reply goes with the dial.
+                upstream = await dialer.dial(host, port, initial_data=reader.take_buffered())
             except DialError as exc:
                 reply = (socks4_reply(SOCKS4_REJECTED) if version == 4
                          else socks5_reply(_REP_FOR_DIAL_ERROR[exc.code]))
                 raise SocksRefused(reply, f"SOCKS{version}: {exc}") from None
             if version == 4:
-                await stream.send_all(socks4_reply(SOCKS4_GRANTED))
+                await send(socks4_reply(SOCKS4_GRANTED))
             else:
-                await stream.send_all(socks5_reply(REP_SUCCEEDED, _bound_address(upstream)))
+                await send(socks5_reply(REP_SUCCEEDED, _bound_address(upstream)))
         log.debug("SOCKS%d: connected to %s:%d", version, host, port)
         connected, upstream, spliced = upstream, None, True
-        await splice(stream, connected, a_to_b_first=reader.take_buffered())
+        await splice(stream, connected)
     except SocksRefused as exc:
         log.info("%s", exc)
-        await _try_send(stream, exc.reply)
+        await _try_send(send, exc.reply)
     except trio.TooSlowError:
         log.info("SOCKS: handshake not finished within %gs: closing", handshake_timeout)
-        await _try_send(stream, _failure_reply(version))
+        await _try_send(send, _failure_reply(version))
     except EOFError:
         log.info("SOCKS%s: client closed in the middle of the handshake",
                  version or "")
-        await _try_send(stream, _failure_reply(version))
+        await _try_send(send, _failure_reply(version))
     except _STREAM_ERRORS as exc:
         log.debug("SOCKS: client connection ended: %s", exc or type(exc).__name__)
     finally:
@@ -208,11 +213,11 @@ def _failure_reply(version: int) -> bytes:
     return b""
 
 
-async def _try_send(stream: trio.abc.Stream, data: bytes) -> None:
+async def _try_send(send: Send, data: bytes) -> None:
     if not data:
         return
     with contextlib.suppress(*_STREAM_ERRORS), trio.move_on_after(1):
-        await stream.send_all(data)
+        await send(data)
 
 
 async def serve_socks(listener: trio.abc.Listener[trio.abc.Stream], dialer: Dialer, *,
@@ -227,5 +232,6 @@ async def serve_socks(listener: trio.abc.Listener[trio.abc.Stream], dialer: Dial
             await handle_socks_connection(stream, dialer, handshake_timeout=handshake_timeout)
         except Exception:
             log.exception("SOCKS: connection handler failed")
+            await trio.aclose_forcefully(stream)
 
-    await trio.serve_listeners(handler, [listener])
+    await serve_streams(listener, handler, "SOCKS proxy")
