@@ -14,8 +14,10 @@ operation" table divides each process's CPU time and context switches (about one
 wake-up) by the operations of the phase: figures that depend little on the machine's
 load, unlike the rates, and that show what each change saves; for the agents it adds the
 TCP segments each sent per operation (exact: read from the stack report a SIGUSR1 logs).
---profile DIR also runs the manager and the srv agent under cProfile and prints their top
-functions.
+--profile DIR also runs the manager and both agents under cProfile and prints their top
+functions and the function calls per GET (the agents' profiles cover the GET phase only: SIGUSR2
+starts and stops them). --net 127.0.N picks the agents' VIPs (127.0.N.1 and .2), so that two
+benchmarks can run on one machine at once.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ LOCAL_VIP, SRV_VIP = "127.0.99.1", "127.0.99.2"
 CLK = os.sysconf("SC_CLK_TCK")
 #: An -X option that marks the srv agent's command line (Python ignores unknown -X).
 SRV_MARK = "norouter-bench=srv"
+LOCAL_MARK = "norouter-bench=local"
 
 
 # ---------------------------------------------------------------- servers (own process)
@@ -183,6 +186,8 @@ def proc_name(pid: int) -> str:
         return ""
     if SRV_MARK.encode() in argv:
         return "srv agent"
+    if LOCAL_MARK.encode() in argv:
+        return "local agent"
     if b"agent" in argv:
         return "local agent"
     return ""
@@ -256,6 +261,13 @@ class Watch:
                 self.peak[n] = max(self.peak[n], rss_mb(p))
 
 
+def toggle_agent_profilers(pids: dict[str, int]) -> None:
+    """Start (first call) or stop and write (second) the agents' phase profiles."""
+    for n, p in pids.items():
+        if "agent" in n:
+            os.kill(p, signal.SIGUSR2)
+
+
 def stack_segments(pids: dict[str, int], log_path: Path) -> dict[str, int]:
     """Each agent's TCP segments sent so far, from the stack report a SIGUSR1 makes it log
     (it reaches the manager's log): segments per operation are exact, unlike timings."""
@@ -282,10 +294,11 @@ def stack_segments(pids: dict[str, int], log_path: Path) -> dict[str, int]:
 # ---------------------------------------------------------------- main
 
 
-def manifest(ports: list[int], srv_cmd: list[str]) -> str:
+def manifest(ports: list[int], srv_cmd: list[str], local_cmd: list[str] | None) -> str:
     fw = ", ".join(f'"{p}:127.0.0.1:{p}"' for p in ports)
+    local = "" if local_cmd is None else f", cmd: {local_cmd!r}".replace("'", '"')
     return (f"hosts:\n"
-            f"  local: {{vip: \"{LOCAL_VIP}\", stateDir: {{disable: true}}}}\n"
+            f"  local: {{vip: \"{LOCAL_VIP}\", stateDir: {{disable: true}}{local}}}\n"
             f"  srv:\n"
             f"    cmd: {srv_cmd!r}\n".replace("'", '"') +
             f"    vip: \"{SRV_VIP}\"\n"
@@ -304,16 +317,44 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def profiled_agent(out: str, argv: list[str]) -> None:
+    """Run the agent with a profiler that SIGUSR2 starts and, the second time, stops and
+    writes to `out`: a profile of one phase only, without the agent's start-up."""
+    import cProfile
+    import runpy
+
+    prof = cProfile.Profile()
+    state = {"on": False}
+
+    def toggle(_sig: int, _frame: Any) -> None:
+        if not state["on"]:
+            state["on"] = True
+            prof.enable()
+        else:
+            prof.disable()
+            prof.dump_stats(out)
+
+    signal.signal(signal.SIGUSR2, toggle)
+    sys.argv = ["norouter_trio", *argv]
+    runpy.run_module("norouter_trio", run_name="__main__", alter_sys=True)
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--profiled-agent"]:
+        profiled_agent(sys.argv[2], sys.argv[3:])
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller transfers, shorter runs")
-    ap.add_argument("--profile", metavar="DIR", help="cProfile the manager and the srv agent")
+    ap.add_argument("--profile", metavar="DIR", help="cProfile the manager and both agents")
+    ap.add_argument("--net", default="127.0.99", help="VIPs: NET.1 (local), NET.2 (srv)")
     ap.add_argument("--only", choices=["bulk", "get", "echo"], help="run one measure only")
     ap.add_argument("--serve", nargs=3, type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.serve:
         serve(a.serve)
         return 0
+    global LOCAL_VIP, SRV_VIP
+    LOCAL_VIP, SRV_VIP = f"{a.net}.1", f"{a.net}.2"
     q = a.quick
     bulk_bytes = (64 if q else 256) << 20
     req_secs = 2.0 if q else 4.0
@@ -331,13 +372,16 @@ def main() -> int:
     py = [sys.executable]
     srv_cmd = [*py, "-X", SRV_MARK, "-m", "norouter_trio"]
     mgr_cmd = [*py, "-m", "norouter_trio"]
+    local_cmd: list[str] | None = None
     if prof:
         prof.mkdir(parents=True, exist_ok=True)
-        srv_cmd = [*py, "-X", SRV_MARK, "-m", "cProfile", "-o", str(prof / "srv-agent.prof"), "-m",
-                   "norouter_trio"]
+        srv_cmd = [*py, "-X", SRV_MARK, __file__, "--profiled-agent",
+                   str(prof / "srv-agent.prof")]
         mgr_cmd = [*py, "-m", "cProfile", "-o", str(prof / "manager.prof"), "-m",
                    "norouter_trio"]
-    (tmp / "bench.yaml").write_text(manifest(ports, srv_cmd))
+        local_cmd = [*py, "-X", LOCAL_MARK, __file__, "--profiled-agent",
+                     str(prof / "local-agent.prof")]
+    (tmp / "bench.yaml").write_text(manifest(ports, srv_cmd, local_cmd))
     log = open(tmp / "manager.log", "w+b")  # noqa: SIM115 - read back at the end
     mgr = subprocess.Popen([*mgr_cmd, str(tmp / "bench.yaml")], stdout=log, stderr=log,
                            env=env, cwd=tmp)
@@ -365,6 +409,7 @@ def main() -> int:
         w = Watch(pids)
         rest = {n: rss_mb(p) for n, p in pids.items()}
         rows: list[tuple[str, str, str, str, dict[str, float]]] = []
+        raw: list[tuple[str, Any]] = []
         per_op: list[tuple[str, float, dict[str, float]]] = []
 
         def measure(name: str, fn: Callable[[tuple[str, int]], Any], idx: int,
@@ -372,13 +417,19 @@ def main() -> int:
                     ops: Callable[[Any], tuple[str, float]]) -> None:
             d = fn(direct[idx])
             seg0 = stack_segments(pids, tmp / "manager.log")
+            profiling = prof is not None and name.startswith("new-conn")
             with w.phase() as usage:
+                if profiling:
+                    toggle_agent_profilers(pids)
                 v = fn(via[idx])
+                if profiling:
+                    toggle_agent_profilers(pids)
             seg1 = stack_segments(pids, tmp / "manager.log")
             for n, k in seg1.items():
                 if n in seg0:
                     usage[n + " segments"] = k - seg0[n]
             rows.append((name, fmt(v), fmt(d), ratio(v, d), usage))
+            raw.append(("get" if "GET" in name else name, v))
             per_op.append((*ops(v), usage))
 
         def pct(v: float, d: float) -> str:
@@ -427,10 +478,28 @@ def main() -> int:
         server.kill()
         log.close()
     if prof:
+        gets = next((v[1] for name, v, *_ in raw if name == "get"), 0)
         for f in sorted(prof.glob("*.prof")):
             print(f"\n--- {f.name}: top 15 by own time")
-            pstats.Stats(str(f)).sort_stats("tottime").print_stats(15)
+            st = pstats.Stats(str(f))
+            st.sort_stats("tottime").print_stats(15)
+            if gets:
+                print_calls_per_op(st, gets, "GET")
     return 0
+
+
+def print_calls_per_op(st: pstats.Stats, ops: int, what: str, top: int = 40) -> None:
+    """Function calls per operation, by function: what a per-connection change saves."""
+    stats: dict[Any, Any] = st.stats  # type: ignore[attr-defined]
+    rows = sorted(((nc, tt, fn) for fn, (_cc, nc, tt, _ct, _callers) in stats.items()),
+                  reverse=True)
+    total = sum(nc for nc, _, _ in rows)
+    print(f"function calls per {what} ({ops} {what}s): {total / ops:.0f}")
+    for nc, tt, (file, line, name) in rows[:top]:
+        if nc < ops / 2:
+            break
+        short = "/".join(file.split("/")[-2:])
+        print(f"  {nc / ops:7.2f} {tt / ops * 1e6:7.1f} us  {short}:{line}({name})")
 
 
 if __name__ == "__main__":

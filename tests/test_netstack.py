@@ -578,3 +578,66 @@ async def _pair_on(sa: NetStack, listener: TCPListener) -> tuple[TCPStream, TCPS
         nursery.start_soon(acc)
         client = await sa.connect(B, 80)
     return client, accepted[0]
+
+
+async def test_receive_now_and_try_send_last_never_wait() -> None:
+    """The relay's fast paths: what is there is taken at once, None / False when the
+    awaited call would have to wait, and the FIN still rides on the last data."""
+    from_a: list[tuple[int, bytes]] = []
+    small = TCPConfig(send_buffer=16384, recv_buffer=65536)
+    with trio.fail_after(10):
+        async with two_stacks(small, tap=[_segments_from(A, from_a)]) as (sa, sb, _):
+            client, server = await _pair_on(sa, sb.listen(B, 80))
+            assert server.receive_now(100) is None  # nothing yet: the caller would wait
+            await client.send_all(b"hello")
+            await trio.testing.wait_all_tasks_blocked()
+            assert server.receive_now(100) == b"hello"
+            before = len(from_a)
+            assert client.try_send_last(b"bye")
+            await trio.testing.wait_all_tasks_blocked()
+            assert [(f & _FIN, p) for f, p in from_a[before:]] == [(_FIN, b"bye")]
+            assert server.receive_now(100) == b"bye"
+            assert server.receive_now(100) == b""  # EOF, as often as asked
+            assert client.try_send_last(b"")  # send_eof() twice is allowed
+            assert not client.try_send_last(b"more")  # the awaited call raises instead
+            with pytest.raises(trio.ClosedResourceError):
+                await client.send_last(b"more")
+            assert not server.try_send_last(b"x" * 20000)  # more than the buffer takes
+            await server.send_last(b"x" * 20000)
+            got = b""
+            while data := await client.receive_some():
+                got += data
+            assert got == b"x" * 20000
+            server.close()
+            with pytest.raises(trio.ClosedResourceError):
+                server.receive_now(100)
+
+
+async def test_timer_sleeps_until_a_live_deadline_only() -> None:
+    """After an exchange the loss-probe / RTO deadlines it armed are gone: the timer task
+    must not stay set to wake for them (a scheduling pass per connection for nothing);
+    TIME-WAIT ends are rounded up to one grid step for many connections."""
+    from norouter_trio.tcp.netstack import TIME_WAIT_GRID
+
+    with trio.fail_after(10):
+        async with two_stacks() as (sa, sb, _):
+            listener = sb.listen(B, 80)
+            for _ in range(3):
+                client, server = await _pair_on(sa, listener)
+                await client.send_all(b"question")
+                assert await server.receive_some() == b"question"
+                await server.send_last(b"answer")
+                assert await client.receive_some() == b"answer"
+                assert await client.receive_some() == b""
+                client.close()
+                server.close()
+            await trio.testing.wait_all_tasks_blocked()
+            for ns in (sa, sb):
+                live = [c.owner for c in ns.stack.connections.values()]
+                deadlines = [st.deadline for st in live if st is not None and not st.finished]
+                assert ns._timer_next == min(deadlines, default=float("inf"))
+            # B closed first: its connections wait in TIME-WAIT, ending on the grid
+            tw = [st.deadline for c in sb.stack.connections.values()
+                  if (st := c.owner) is not None and not st.finished]
+            assert len(tw) == 3
+            assert all(d / TIME_WAIT_GRID == int(d / TIME_WAIT_GRID) for d in tw)

@@ -93,6 +93,7 @@ from norouter_trio.tcp.stack import (
     PendingSyn,
     TCPStack,
 )
+from norouter_trio.tcp.state import TCPState
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,11 @@ DEFAULT_RECEIVE_SIZE = 65536
 #: apart) gets the connection's state logged; see `NetStack._stall_watch`.
 STALL_REPORT_AFTER = 10.0
 READ_BATCH = 64  # inbound packets handled per scheduling slice
+#: TIME-WAIT ends are rounded up to a multiple of this (seconds): one timer wake-up per
+#: step for every connection ending then (see `NetStack._set_deadline`).
+TIME_WAIT_GRID = 0.25
+_TIME_WAIT = TCPState.TIME_WAIT
+_FIN_WAIT_2 = TCPState.FIN_WAIT_2
 #: send_all() calls this big leave their output to the writer task (see send_all);
 #: smaller ones (requests, replies, keystrokes) are sent at once.
 DEFER_WRITES_FROM = 16 * 1024
@@ -403,6 +409,8 @@ class NetStack:
             flush()
             if self._held:
                 self._kick()
+            if self._timer_scope is not None and self._timers:
+                self._retime()
 
     def _on_packet(self, packet: bytes, now: float) -> None:
         outcome = self._stack.receive_packet(packet, now)
@@ -512,7 +520,16 @@ class NetStack:
 
     def _set_deadline(self, st: _State, deadline: float) -> None:
         """Record the core's new deadline; queue it only if it is earlier than the
-        connection's live heap entry (a later one is re-queued when that entry fires)."""
+        connection's live heap entry (a later one is re-queued when that entry fires).
+        TIME-WAIT (and FIN-WAIT-2 give-up) ends are rounded up to a TIME_WAIT_GRID step:
+        at hundreds of connections a second the timer then wakes once per step for all of
+        them, not once per connection (ending TIME-WAIT a little late is harmless)."""
+        state = st.conn.tcp.state
+        if deadline != math.inf and (state is _TIME_WAIT or (
+            # FIN-WAIT-2's give-up timer (the same length); not its delayed ACK
+            state is _FIN_WAIT_2 and deadline - trio.current_time() > TIME_WAIT_GRID
+        )):
+            deadline = math.ceil(deadline / TIME_WAIT_GRID) * TIME_WAIT_GRID
         st.deadline = deadline
         if deadline < st.queued:
             st.queued = deadline
@@ -559,11 +576,52 @@ class NetStack:
                 live = [e for e in heap if e[0] == e[2].queued and not e[2].finished]
                 heap[:] = live
                 heapq.heapify(heap)
+            self._drop_stale_timers()
             self._timer_next = heap[0][0] if heap else math.inf
             with trio.CancelScope(deadline=self._timer_next) as scope:
                 self._timer_scope = scope
                 await trio.sleep_forever()
             self._timer_scope = None
+
+    def _drop_stale_timers(self) -> None:
+        """Before sleeping: pop heap-top entries of ended connections and entries whose
+        deadline moved later or went away (re-queued at the new one), so the loop does not
+        wake for them. Short connections end long before their RTO: without this the loop
+        woke once or more per connection, a scheduling pass each, for nothing."""
+        heap = self._timers
+        heappop = heapq.heappop
+        while heap:
+            when, _, st = heap[0]
+            if when != st.queued or st.finished:
+                heappop(heap)
+                continue
+            deadline = st.conn.tcp.get_timer()
+            if deadline is not None and deadline <= when:
+                return  # a live entry: sleep until it
+            heappop(heap)
+            st.queued = math.inf
+            if deadline is None:
+                st.deadline = math.inf
+            else:
+                self._set_deadline(st, deadline)
+
+    def _retime(self) -> None:
+        """After a batch of input: if it stopped the timer the loop sleeps until (an ACK
+        ends the loss probe a few ms after it was armed, the connection ended), move the
+        loop's wake-up later, to the next live deadline; else it would wake for nothing,
+        a scheduling pass per request/response connection."""
+        heap = self._timers
+        when, _, st = heap[0]
+        if when == st.queued and not st.finished:
+            deadline = st.deadline  # as _flush last saw get_timer()
+            if deadline <= when:
+                return  # the common case: the earliest entry is live
+        self._drop_stale_timers()
+        nxt = heap[0][0] if heap else math.inf
+        scope = self._timer_scope
+        if nxt > self._timer_next and scope is not None:
+            self._timer_next = nxt
+            scope.deadline = nxt
 
     def _kick(self) -> None:
         """Wake the writer (if it waits): held output, big writes and the backlog are
@@ -668,6 +726,8 @@ class NetStack:
                     for st in taken:
                         st.held = False
                 self._flush()
+                if self._timer_scope is not None and self._timers:
+                    self._retime()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._outbound_gone()
 
@@ -862,17 +922,20 @@ class TCPListener(trio.abc.Listener["TCPStream"]):
         self._lot.unpark()
 
     async def accept(self) -> TCPStream:
+        parked = False  # park() is a checkpoint: none more after it (a task step less)
         while True:
             if self._closed:
                 raise trio.ClosedResourceError(
                     f"listener {self.address[0]}:{self.address[1]} is closed"
                 )
             if self._queue:
-                await checkpoint()
-                if self._queue:
-                    return TCPStream(self._ns, self._queue.popleft())
-                continue
+                if not parked:
+                    await checkpoint()
+                    if not self._queue:
+                        continue
+                return TCPStream(self._ns, self._queue.popleft())
             await self._lot.park()
+            parked = True
 
     async def aclose(self) -> None:
         """Stop listening; connections not yet accepted are reset."""
@@ -978,6 +1041,51 @@ class TCPStream(trio.abc.HalfCloseableStream):
             st.sending = False
             if not parked:
                 await cancel_shielded_checkpoint()
+
+    def try_send_last(self, data: bytes | bytearray | memoryview) -> bool:
+        """`send_last(data)` (b"": `send_eof()`) done at once without a schedule point,
+        when the send buffer takes all of `data`; False (nothing done) otherwise. For a
+        relay whose task ends or waits right after: a task step less per connection."""
+        st = self._st
+        if st.sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        if st.eof_sent and not data and not st.local_closed:
+            return True  # send_eof() twice is allowed
+        tcp = st.conn.tcp
+        if (
+            len(data) > tcp.send_buffer_free
+            or st.local_closed or st.eof_sent or st.reset or st.finished
+        ):
+            return False  # the awaited call waits, or raises the right error
+        try:
+            now = trio.current_time()
+            if data:
+                tcp.send(data, now)
+            st.eof_sent = True
+            tcp.shutdown_write(now)
+        except TCPStateError:
+            raise self._broken() from None
+        self._ns._after(st)
+        return True
+
+    def receive_now(self, max_bytes: int) -> bytes | None:
+        """What `receive_some` would return at once (data, or b"" at EOF), without its
+        schedule point; None when it would have to wait. For a relay, which then awaits
+        `receive_some` (that parks: no extra task step per chunk)."""
+        st = self._st
+        if st.receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        if st.local_closed:
+            raise trio.ClosedResourceError("this stream was closed")
+        if not st.reset:
+            data = st.conn.tcp.read(max_bytes, trio.current_time())
+            if data or st.eof:
+                if data and not st.finished:
+                    self._ns._after(st)
+                return data
+        if st.reset or st.finished:
+            raise self._broken()
+        return None
 
     async def send_last(self, data: bytes | bytearray | memoryview) -> None:
         """`send_all(data)` then `send_eof()` in one step, so the FIN leaves in the last
