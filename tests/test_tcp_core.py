@@ -646,19 +646,52 @@ def test_persist_override_sends_into_a_small_window() -> None:
     assert len(small.payload) == 1000
 
 
-def test_reading_pushed_data_sends_the_delayed_ack_at_once() -> None:
-    a, b = pair()
+def _request_read_by_b(cfg_b: TCPConfig | None = None) -> tuple[TCPConnection, TCPConnection]:
+    """A sends a request head (then a Nagle-held tail); B receives and reads the head."""
+    a, b = pair(cfg_b=cfg_b)
     a.send(b"GET / HTTP/1.1\r\n", 0.0)
     (head,) = a.segments_to_send(0.0)
     a.send(b"Host: x\r\n\r\n", 0.0)
     assert a.segments_to_send(0.0) == []  # Nagle holds the second small write
     b.receive_segment(head, 0.001)
-    assert b.segments_to_send(0.001) == []  # delayed ACK pending
-    b.read(100, 0.002)  # the application consumed it: no reason to wait
-    (ack,) = b.segments_to_send(0.002)
-    a.receive_segment(ack, 0.003)
-    (rest,) = a.segments_to_send(0.003)
+    assert b.segments_to_send(0.001) == []  # delayed ACK pending (40 ms)
+    assert b.read(100, 0.002) == b"GET / HTTP/1.1\r\n"
+    return a, b
+
+
+def test_reading_pushed_data_acks_within_pushed_ack_delay() -> None:
+    a, b = _request_read_by_b()
+    # Consumed: the ACK (and the first scaled window update) waits 2 ms, not 40, for
+    # an answer to ride on; none comes, so it goes alone and Nagle's tail follows.
+    assert b.segments_to_send(0.002) == []
+    assert b.get_timer() == pytest.approx(0.004)
+    b.handle_timer(0.004)
+    (ack,) = b.segments_to_send(0.004)
+    assert ack.ack == b.rcv_nxt and not ack.payload
+    a.receive_segment(ack, 0.005)
+    (rest,) = a.segments_to_send(0.005)
     assert rest.payload == b"Host: x\r\n\r\n"
+
+
+def test_an_answer_within_pushed_ack_delay_carries_the_ack() -> None:
+    a, b = _request_read_by_b()
+    b.send(b"HTTP/1.1 200 OK\r\n", 0.003)
+    (reply,) = b.segments_to_send(0.003)  # one segment: data, ACK and window together
+    assert reply.payload == b"HTTP/1.1 200 OK\r\n" and reply.ack == b.rcv_nxt
+    assert reply.window << b._rcv_wscale > 65535  # the scaled window rode along too
+    b.handle_timer(0.004)
+    assert b.segments_to_send(0.004) == []  # no separate ACK after all
+    a.receive_segment(reply, 0.004)
+    (rest,) = a.segments_to_send(0.004)
+    assert rest.payload == b"Host: x\r\n\r\n"
+
+
+def test_pushed_ack_delay_zero_acks_at_once() -> None:
+    _, b = _request_read_by_b(TCPConfig(pushed_ack_delay=0.0))
+    (ack,) = b.segments_to_send(0.002)
+    assert ack.ack == b.rcv_nxt
+    with pytest.raises(ValueError, match="pushed_ack_delay"):
+        TCPConfig(pushed_ack_delay=0.6)
 
 
 def test_fin_ahead_of_a_gap_is_kept_and_applied_when_the_gap_fills() -> None:

@@ -24,8 +24,14 @@ small sorted list. Both are bounded by `TCPConfig`.
 Loss recovery (recovery.py): RTO per RFC 6298 with go-back-N after a timeout; NewReno
 fast retransmit/recovery; SACK holes retransmitted one per duplicate ACK, again if data
 sent after them gets SACKed first; limited transmit and early retransmit for small
-windows. ACKs: every second segment, at once for out-of-order data, gap fills, window
-updates and when the application reads a pushed segment; otherwise after `delayed_ack`.
+windows. ACKs: every second segment, at once for out-of-order data, gap fills and window
+updates; within `pushed_ack_delay` (2 ms) when the application reads a pushed segment, so
+that an answer sent meanwhile carries the ACK; otherwise after `delayed_ack`.
+
+Hot paths: an in-order ACK (with or without data or FIN) in any synchronized state skips
+the §3.10.7.4 checks that cannot apply to it; `segments_to_send` returns early when there
+is nothing to send; the SACK scoreboard is made on first SACK; ISNs come from a batch of
+OS randomness (one system call per 512 connections).
 
 Closing: `shutdown_write` sends FIN after the data; `close` also gives up reading (unread
 or later data resets the connection, RFC 1122 §4.2.2.13); `abort` resets. After
@@ -35,7 +41,8 @@ or later data resets the connection, RFC 1122 §4.2.2.13); `abort` resets. After
 from __future__ import annotations
 
 import logging
-import secrets
+import os
+import struct
 from dataclasses import dataclass
 
 from .events import (
@@ -65,6 +72,8 @@ from .state import (
 __all__ = ["TCPConfig", "TCPConnection", "TCPStateError"]
 
 log = logging.getLogger(__name__)
+_debug_enabled = log.isEnabledFor  # bound once: asked on every state transition
+_DEBUG = logging.DEBUG
 
 MASK = 0xFFFFFFFF
 HALF = 0x80000000
@@ -84,6 +93,9 @@ DEFAULT_MSS = 65495  # 65535 (largest IPv4 datagram, link MTU 65536) - 20 (IP) -
 DEFAULT_PEER_MSS = 536  # RFC 9293 §3.7.1: assumed when the SYN has no MSS option
 _TS_OPT_LEN = 12  # timestamps option, padded (RFC 7323 §3)
 _MAX_WSCALE = 14  # RFC 7323 §2.3
+# With at least this much window left from our SYN-ACK the peer is not short of room: the
+# first window update after a read may wait `pushed_ack_delay` for data to ride on.
+_UPDATE_CAN_WAIT = 32768
 
 _ESTABLISHED_EVENT = Established()
 _DATA_EVENT = DataAvailable()
@@ -99,6 +111,35 @@ _TRANSITIONS = transitions()
 _NO_SACK = SackScoreboard()
 
 Address = tuple[str, int]
+
+
+_RANDOM_BATCH = 512  # connections' worth of OS randomness per system call
+_UNPACK_BATCH = struct.Struct(f"<{_RANDOM_BATCH}Q").unpack
+
+
+class _RandomPool:
+    """64-bit draws from `os.urandom`, fetched in batches: one system call per
+    `_RANDOM_BATCH` connections instead of one each. The bytes are the OS's own (RFC 9293
+    §3.4.1 asks for unpredictable ISNs); a forked child drops what its parent fetched."""
+
+    __slots__ = ("_left",)
+
+    def __init__(self) -> None:
+        self._left: list[int] = []
+
+    def take(self) -> int:
+        left = self._left
+        if not left:
+            left.extend(_UNPACK_BATCH(os.urandom(8 * _RANDOM_BATCH)))
+        return left.pop()
+
+    def clear(self) -> None:
+        self._left.clear()
+
+
+_random = _RandomPool()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_random.clear)
 
 
 def _sdiff(a: int, b: int) -> int:
@@ -123,6 +164,9 @@ class TCPConfig:
     min_rto: float = 0.2
     max_rto: float = 60.0
     delayed_ack: float = 0.04  # RFC 9293 §3.8.6.3 allows up to 0.5 s; we stay short
+    # The ACK for a pushed segment the application has read waits at most this long for
+    # the application's answer to carry it (0: sent at once).
+    pushed_ack_delay: float = 0.002
     max_retries: int = 12  # data retransmissions before ConnectionClosed(timeout)
     syn_retries: int = 6  # SYN / SYN-ACK retransmissions before giving up
     window_scaling: bool = True  # RFC 7323 §2
@@ -136,6 +180,10 @@ class TCPConfig:
     def __post_init__(self) -> None:
         if not 64 <= self.mss <= DEFAULT_MSS:
             raise ValueError(f"TCPConfig.mss must be 64..{DEFAULT_MSS}, got {self.mss}")
+        if not 0 <= self.pushed_ack_delay <= 0.5:  # RFC 9293 §3.8.6.3: ACK delay < 0.5 s
+            raise ValueError(
+                f"TCPConfig.pushed_ack_delay must be 0..0.5 s, got {self.pushed_ack_delay}"
+            )
         if self.send_buffer < 1 or self.recv_buffer < 1:
             raise ValueError("TCPConfig.send_buffer and recv_buffer must be positive")
         if self.recv_buffer > 65535 << _MAX_WSCALE:
@@ -144,10 +192,9 @@ class TCPConfig:
 
 def _wscale_for(bufsize: int) -> int:
     """Smallest shift that lets the 16-bit window field cover the receive buffer."""
-    shift = 0
-    while (65535 << shift) < bufsize and shift < _MAX_WSCALE:
-        shift += 1
-    return shift
+    # The smallest s with 65535 << s >= bufsize is the bit length of ceil(bufsize/65535)-1.
+    shift = ((bufsize + 65534) // 65535 - 1).bit_length() if bufsize > 65535 else 0
+    return shift if shift < _MAX_WSCALE else _MAX_WSCALE
 
 
 class TCPConnection:
@@ -202,6 +249,7 @@ class TCPConnection:
         "_snd_wscale",
         "_sndbufsize",
         "_syn_needed",
+        "_syn_window_only",
         "_tlp_out",
         "_ts_offset",
         "_ts_ok",
@@ -235,9 +283,9 @@ class TCPConnection:
         self._lport = local[1]
         self._rport = remote[1]
         self.state = CLOSED
-        # One draw from the OS for both the ISS (RFC 9293 §3.4.1) and the per-connection
-        # timestamp offset (RFC 7323 §5.4): a system call per connection, not two.
-        rnd = secrets.randbits(64)
+        # One 64-bit draw of OS randomness for both the ISS (RFC 9293 §3.4.1) and the
+        # per-connection timestamp offset (RFC 7323 §5.4).
+        rnd = _random.take()
         iss = rnd & MASK if isn is None else isn & MASK
         self.iss = iss
         self.snd_una = iss
@@ -295,6 +343,7 @@ class TCPConnection:
         self._segs_unacked = 0
         self._pushed = False
         self._syn_needed = False
+        self._syn_window_only = False  # our only window offer so far is the SYN-ACK's
         self._out: list[Segment] = []
         self._events: list[Event] = []  # a handful at most: a list is 1/10 of a deque
         self._data_event_queued = False
@@ -429,11 +478,20 @@ class TCPConnection:
             with memoryview(rbuf) as mv:
                 data = mv[:max_bytes].tobytes()
             del rbuf[:max_bytes]
-        if self._pushed and not rbuf and self._delack_deadline is not None:
-            # The application consumed a pushed (end of a write) segment: ACK now
-            # rather than at the delayed-ACK timer, so a sender held back by Nagle
-            # does not stall (the same idea as Linux's ICSK_ACK_PUSHED).
-            self._ack_now = True
+        # The application consumed a pushed (end of a write) segment: ACK soon rather
+        # than at the delayed-ACK timer, so a sender held back by Nagle does not stall
+        # (the same idea as Linux's ICSK_ACK_PUSHED). "Soon" is `pushed_ack_delay`: an
+        # answer sent meanwhile carries the ACK, one segment instead of two for a
+        # request and its reply.
+        deadline = self._delack_deadline
+        delay = 0.0
+        if self._pushed and not rbuf:
+            delay = self.config.pushed_ack_delay
+            if deadline is not None:
+                if delay <= 0:
+                    self._ack_now = True
+                elif now + delay < deadline:
+                    self._delack_deadline = deadline = now + delay
         if self.state in RECEIVING:
             adv = ((self._rcv_adv - self.rcv_nxt + HALF) & MASK) - HALF
             free = self._rcvbufsize - len(rbuf)
@@ -442,7 +500,14 @@ class TCPConnection:
             rmss = self._rmss
             threshold = min(bufsize // 2, 2 * rmss if adv >= rmss else rmss)
             if grow >= threshold:
-                self._ack_now = True
+                if delay and self._syn_window_only and adv >= _UPDATE_CAN_WAIT:
+                    # The first read after our SYN-ACK, whose window field could not be
+                    # scaled (RFC 7323 §2.2): the peer still has plenty of room, so
+                    # this update may wait for the answer too.
+                    if deadline is None or now + delay < deadline:
+                        self._delack_deadline = now + delay
+                else:
+                    self._ack_now = True
         return data
 
     def shutdown_write(self, now: float) -> None:
@@ -561,23 +626,27 @@ class TCPConnection:
     def segments_to_send(self, now: float) -> list[Segment]:
         """Everything to transmit now: control segments, (re)transmissions, ACKs."""
         out = self._out
+        st = self.state
         if out:
             self._out = []
+            if st is CLOSED:
+                return out
+        elif st is CLOSED:
+            return []
         else:
             out = []
-        st = self.state
-        if st is CLOSED:
-            return out
         if self._syn_needed or (st is SYN_RECEIVED and self._ack_now):
             # In SYN-RECEIVED every answer is the SYN-ACK (RFC 9293 §3.10.7.4).
             self._syn_needed = False
             out.append(self._make_syn(now))
-        elif st in SENDING and (
-            self._rexmit_budget > 0
-            or self.snd_nxt != (self._sbuf_start + len(self._sbuf)) & MASK
-            or self._fin_queued
-        ):
-            self._output_data(now, out)  # (it rechecks the FIN precisely)
+        elif st in SENDING:
+            nxt = self.snd_nxt
+            if (
+                self._rexmit_budget > 0
+                or nxt != (self._sbuf_start + len(self._sbuf)) & MASK
+                or (self._fin_queued and nxt == self._fin_seq)  # FIN not sent yet
+            ):
+                self._output_data(now, out)
         if self._ack_now and st is not SYN_SENT:
             out.append(self._make(self.snd_nxt, ACK, b"", now))
         return out
@@ -627,6 +696,7 @@ class TCPConnection:
             self._delack_deadline = None
             self._segs_unacked = 0
             self._pushed = False
+            self._syn_window_only = False
         return seg
 
     def _make_syn(self, now: float) -> Segment:
@@ -656,6 +726,7 @@ class TCPConnection:
                 seg.ts_ecr = self._ts_recent
             self._ack_now = False
             self._delack_deadline = None
+            self._syn_window_only = True
         self.snd_nxt = (self.iss + 1) & MASK
         if self.snd_max == self.iss:
             self.snd_max = self.snd_nxt
@@ -989,20 +1060,36 @@ class TCPConnection:
         """Process one segment addressed to this connection (RFC 9293 §3.10.7)."""
         st = self.state
         flags = seg.flags
-        # Fast path (header prediction): ESTABLISHED, only ACK (+PSH), in order.
+        # Fast path (header prediction): a synchronized state, ACK (+PSH, +FIN) without
+        # SYN or RST, in order, no out-of-order queue. RFC 9293 §3.10.7.4's first to
+        # fourth steps have nothing to do for such a segment (SEG.SEQ == RCV.NXT is
+        # always acceptable), so it goes straight to the ACK, text and FIN steps.
         if (
-            st is ESTABLISHED
-            and (flags & (SYN | FIN | RST | ACK)) == ACK
+            (flags & (SYN | RST | ACK)) == ACK
+            and st in SYNCHRONIZED
             and seg.seq == self.rcv_nxt
             and not self._ooo
             and self._ooo_fin is None
         ):
-            if self._ts_ok and seg.ts_val is not None:
-                self._ts_recent = seg.ts_val  # RFC 7323 §4.3 (SEG.SEQ == Last.ACK.sent)
+            if self._ts_ok:
+                tsv = seg.ts_val
+                if tsv is not None and (
+                    st is ESTABLISHED or ((tsv - self._ts_recent + HALF) & MASK) - HALF >= 0
+                ):
+                    self._ts_recent = tsv  # RFC 7323 §4.3 (SEG.SEQ == Last.ACK.sent)
             if not self._process_ack(seg, now):
                 return
             payload = seg.payload
             n = len(payload)
+            if flags & FIN or st is not ESTABLISHED:
+                if n or flags & FIN:
+                    st = self.state
+                    if st in RECEIVING:
+                        self._rcv_text(seg.seq, payload, bool(flags & FIN), now)
+                    elif st is TIME_WAIT and flags & FIN:
+                        self._ack_now = True
+                        self._tw_deadline = now + self.config.time_wait
+                return
             if n:
                 room = ((self._rcv_adv - self.rcv_nxt + HALF) & MASK) - HALF
                 if n <= room and not self._app_closed:
@@ -1540,9 +1627,11 @@ class TCPConnection:
 
     def _transition(self, inp: Input) -> None:
         old = self.state
-        new = _TRANSITIONS.get((old, inp))
-        self.state = new if new is not None else next_state(old, inp)
-        if log.isEnabledFor(logging.DEBUG):
+        try:
+            self.state = _TRANSITIONS[old, inp]
+        except KeyError:
+            self.state = next_state(old, inp)  # raises: the table has every valid pair
+        if _debug_enabled(_DEBUG):
             log.debug("%r: %s on %s", self, old.value, inp.value)
 
     def _finish(self, reason: CloseReason) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import errno
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from socket import inet_aton
 from typing import Any
 
@@ -91,6 +91,8 @@ class Conn:
     """A connection as the stack knows it: the core plus its addresses.
 
     `owner` is free for the layer above (the trio layer keeps its stream state there).
+    `delivered` is this connection's one `Delivered` outcome, returned for every segment
+    it gets (an object per connection, not per packet).
     """
 
     key: Key
@@ -99,6 +101,10 @@ class Conn:
     remote_b: bytes
     addr_sum: int
     owner: Any = None
+    delivered: Delivered = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.delivered = Delivered(self)
 
     @property
     def local(self) -> Address:
@@ -126,9 +132,9 @@ class PendingSyn:
         return self.key[2], self.key[3]
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Delivered:
-    """The segment went to an existing connection."""
+    """The segment went to an existing connection (one shared instance per `Conn`)."""
 
     conn: Conn
 
@@ -309,7 +315,7 @@ class TCPStack:
                     "%s: error handling a segment for %s:%d <-> %s:%d; resetting", self.vip, *key
                 )
                 conn.tcp.abort(now)
-            return Delivered(conn)
+            return conn.delivered
         return self._no_connection(seg, key, now)
 
     def _no_connection(self, seg: Segment, key: Key, now: float) -> Outcome:
