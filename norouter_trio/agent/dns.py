@@ -17,19 +17,20 @@ import os
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-import dns.exception
-import dns.flags
-import dns.message
-import dns.opcode
-import dns.rcode
-import dns.rdataclass
-import dns.rdatatype
-import dns.rrset
 import trio
 
-from norouter_trio.agent.dialer import ByteReader, normalize_host
+from norouter_trio.agent.dialer import ByteReader, load_dnspython, normalize_host
+
+if TYPE_CHECKING:  # imported on the first query: see load_dnspython
+    import dns.flags
+    import dns.message
+    import dns.opcode
+    import dns.rcode
+    import dns.rdataclass
+    import dns.rdatatype
+    import dns.rrset
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ Resolver = tuple[str, int]
 
 RESOLV_CONF = "/etc/resolv.conf"
 _HEADER = struct.Struct("!HHHHHH")
+# Header bits and codes of RFC 1035 §4.1.1, for the replies built without dnspython.
+_QR, _RD, _TC, _OPCODE_MASK, _FORMERR = 0x8000, 0x0100, 0x0200, 0x7800, 1
 
 
 def read_resolv_conf(path: str | os.PathLike[str] = RESOLV_CONF) -> list[Resolver]:
@@ -68,9 +71,9 @@ def formerr_for(wire: bytes) -> bytes | None:
     if len(wire) < _HEADER.size:
         return None
     qid, flags = struct.unpack_from("!HH", wire)
-    if flags & dns.flags.QR:
+    if flags & _QR:
         return None  # a response sent to a server: never answer those
-    flags = dns.flags.QR | (flags & (0x7800 | dns.flags.RD)) | dns.rcode.FORMERR
+    flags = _QR | (flags & (_OPCODE_MASK | _RD)) | _FORMERR
     return _HEADER.pack(qid, flags, 0, 0, 0, 0)
 
 
@@ -88,6 +91,7 @@ class DNSResponder:
 
     async def respond(self, wire: bytes) -> bytes | None:
         """The answer to send back, or None to send nothing (input not worth an answer)."""
+        await load_dnspython(globals())
         try:
             query = dns.message.from_wire(wire)
         except Exception as exc:  # garbage of any kind must not hurt the server
@@ -128,6 +132,7 @@ class DNSResponder:
 
     async def relay(self, query: dns.message.Message, wire: bytes) -> bytes:
         """Ask each resolver in turn; SERVFAIL with an empty answer if all of them fail."""
+        await load_dnspython(globals())
         fallback: bytes | None = None
         with trio.move_on_after(self.total_timeout):
             for server in self.resolvers:
@@ -155,7 +160,7 @@ class DNSResponder:
             log.debug("DNS: UDP to %s:%d failed: %s", *server, exc or "timeout")
             answer = None
         if answer is not None:
-            if not struct.unpack_from("!H", answer, 2)[0] & dns.flags.TC:
+            if not struct.unpack_from("!H", answer, 2)[0] & _TC:
                 return answer
             truncated = answer
         try:
