@@ -641,3 +641,49 @@ async def test_timer_sleeps_until_a_live_deadline_only() -> None:
                   if (st := c.owner) is not None and not st.finished]
             assert len(tw) == 3
             assert all(d / TIME_WAIT_GRID == int(d / TIME_WAIT_GRID) for d in tw)
+
+
+async def test_the_ack_of_a_fin_waits_for_our_fin_then_goes_alone_if_none_comes() -> None:
+    """A FIN received in ESTABLISHED is ACKed by our own FIN when the application closes
+    within `pushed_ack_delay` (longer than one held-output pass), else by a pure ACK."""
+    from_a: list[tuple[int, bytes]] = []
+    sent = trio.Event()
+
+    def tap(packet: bytes) -> bytes:
+        sent.set()
+        return packet
+
+    cfg = TCPConfig(pushed_ack_delay=0.3)  # well above 20 scheduling passes, even loaded
+    with trio.fail_after(10):
+        async with two_stacks(cfg, tap=[_segments_from(A, from_a), tap]) as (sa, sb, _):
+            listener = sb.listen(B, 80)
+            # The application closes a few scheduling passes after EOF: one FIN+ACK.
+            client, server = await _pair_on(sa, listener)
+            before = len(from_a)
+            await server.send_last(b"answer")
+            assert await client.receive_some() == b"answer"
+            assert await client.receive_some() == b""
+            for _ in range(20):  # busy a while (as a pump relaying the EOF to a socket)
+                await trio.lowlevel.checkpoint()
+            await client.aclose()
+            assert await server.receive_some() == b""
+            assert [(f & (_FIN | _ACK), p) for f, p in from_a[before:]] == [(_FIN | _ACK, b"")]
+            await server.aclose()
+    from_a.clear()
+    cfg = TCPConfig(pushed_ack_delay=0.02)
+    with trio.fail_after(10):
+        async with two_stacks(cfg, tap=[_segments_from(A, from_a), tap]) as (sa, sb, _):
+            listener = sb.listen(B, 80)
+            client, server = await _pair_on(sa, listener)
+            before = len(from_a)
+            await server.send_last(b"answer")
+            assert await client.receive_some() == b"answer"
+            assert await client.receive_some() == b""
+            # The application does not close: a pure ACK at the deadline.
+            while len(from_a) == before:
+                sent = trio.Event()
+                await sent.wait()
+            assert [(f & (_FIN | _ACK), p) for f, p in from_a[before:]] == [(_ACK, b"")]
+            await client.aclose()
+            assert await server.receive_some() == b""
+            assert [f & (_FIN | _ACK) for f, _ in from_a[before:]] == [_ACK, _FIN | _ACK]

@@ -45,6 +45,20 @@ def pump(a: TCPConnection, b: TCPConnection, now: float) -> None:
     raise AssertionError("pump did not go quiet")
 
 
+def pump_fin(a: TCPConnection, b: TCPConnection, now: float) -> float:
+    """`pump`, then let a FIN's ACK, held `pushed_ack_delay` for our own FIN, go out.
+
+    Returns the time at which everything went quiet."""
+    pump(a, b, now)
+    for c in (a, b):
+        t = c.get_timer()
+        if t is not None and t <= now + c.config.pushed_ack_delay:
+            c.handle_timer(t)
+            now = t
+            pump(a, b, now)
+    return now
+
+
 def pair(
     now: float = 0.0,
     cfg_a: TCPConfig | None = None,
@@ -221,7 +235,11 @@ def test_active_close_walks_fin_wait_and_time_wait_with_exact_deadline() -> None
     b.receive_segment(seg, 1.0)
     assert b.state is S.CLOSE_WAIT
     assert events(b) == [DataAvailable(), EOFReceived()]
-    (ack,) = b.segments_to_send(1.0)
+    assert b.segments_to_send(1.0) == []  # the ACK waits a moment for B's own FIN
+    assert b.get_timer() == pytest.approx(1.002)
+    b.handle_timer(1.002)
+    (ack,) = b.segments_to_send(1.002)
+    assert ack.flags == ACK and ack.ack == seg.seq + 4
     a.receive_segment(ack, 1.1)
     assert a.state is S.FIN_WAIT_2 and a.get_timer() is None
     b.shutdown_write(1.2)
@@ -275,7 +293,7 @@ def test_shutdown_before_established_sends_fin_after_handshake() -> None:
     assert a.state is S.SYN_SENT
     (syn,) = a.segments_to_send(0.0)
     b = TCPConnection.accept(B, A, syn, 0.0, TCPConfig(), isn=7)
-    pump(a, b, 0.0)
+    pump_fin(a, b, 0.0)
     assert a.state is S.FIN_WAIT_2 and b.state is S.CLOSE_WAIT
     assert b.read(10, 0.0) == b"req"
 
@@ -327,7 +345,7 @@ def _drive_to(state: TCPState) -> tuple[TCPConnection, TCPConnection]:
         return a, b
     if state in (S.FIN_WAIT_2, S.TIME_WAIT):
         a.shutdown_write(0.0)
-        pump(a, b, 0.0)
+        pump_fin(a, b, 0.0)
         if state is S.TIME_WAIT:
             b.shutdown_write(0.0)
             pump(a, b, 0.0)
@@ -618,7 +636,7 @@ def test_fast_retransmit_newreno_without_sack_on_three_dupacks() -> None:
 def test_fin_wait_2_gives_up_after_close_if_peer_never_finishes() -> None:
     a, b = pair(cfg_a=TCPConfig(fin_wait_2_timeout=5.0))
     a.shutdown_write(1.0)
-    pump(a, b, 1.0)
+    pump_fin(a, b, 1.0)
     assert a.state is S.FIN_WAIT_2 and a.get_timer() is None  # half-close: wait forever
     a.close(2.0)
     assert a.get_timer() == pytest.approx(7.0)
@@ -832,3 +850,67 @@ def test_rto_with_a_closed_window_probes_instead_of_resending() -> None:
     a.handle_timer(a.get_timer() or 9.0)
     (again,) = [s for s in a.segments_to_send(9.0) if s.payload]
     assert again.seq == seg.seq and again.payload == seg.payload
+
+
+# ---------------------------------------------------------------- ACK of a FIN rides on ours
+
+
+def _response_with_fin(cfg_a: TCPConfig | None = None) -> tuple[TCPConnection, Segment]:
+    """`a` (ESTABLISHED) receives data + FIN at t=1.0, as a client receives an HTTP
+    response from a server that closes; returns `a` and that segment."""
+    a, b = pair(cfg_a=cfg_a)
+    b.send(b"HTTP/1.0 200 OK\r\n\r\n", 1.0)
+    b.shutdown_write(1.0)
+    (seg,) = b.segments_to_send(1.0)
+    assert seg.flags == ACK | PSH | FIN
+    a.receive_segment(seg, 1.0)
+    assert a.state is S.CLOSE_WAIT
+    assert events(a) == [DataAvailable(), EOFReceived()]
+    return a, seg
+
+
+def test_fin_ack_rides_on_our_fin_when_the_app_closes_within_the_delay() -> None:
+    a, seg = _response_with_fin()
+    assert a.segments_to_send(1.0) == []  # held for our FIN
+    assert a.get_timer() == pytest.approx(1.002)
+    assert a.read(100, 1.0005) == b"HTTP/1.0 200 OK\r\n\r\n"
+    assert a.segments_to_send(1.0005) == []  # reading does not flush it either
+    a.close(1.001)
+    (fin,) = a.segments_to_send(1.001)  # one segment: our FIN carrying the ACK
+    assert fin.flags == FIN | ACK and fin.ack == seg.seq + len(seg.payload) + 1
+    assert a.state is S.LAST_ACK
+    t = a.get_timer()
+    assert t is not None and t > 1.01  # the FIN's loss probe / RTO; no delayed ACK left
+    a.handle_timer(1.002)
+    assert a.segments_to_send(1.002) == []
+
+
+def test_fin_ack_goes_out_alone_at_the_deadline_when_the_app_does_not_close() -> None:
+    a, seg = _response_with_fin()
+    assert a.segments_to_send(1.001) == []
+    a.handle_timer(1.0019)
+    assert a.segments_to_send(1.0019) == []
+    assert a.get_timer() == pytest.approx(1.002)
+    a.handle_timer(1.002)
+    (ack,) = a.segments_to_send(1.002)
+    assert ack.flags == ACK and not ack.payload
+    assert ack.ack == seg.seq + len(seg.payload) + 1
+    assert a.get_timer() is None  # CLOSE-WAIT, nothing in flight: no timer left
+
+
+def test_fin_ack_is_sent_at_once_without_pushed_ack_delay_or_after_our_fin() -> None:
+    a, seg = _response_with_fin(TCPConfig(pushed_ack_delay=0.0))
+    (ack,) = a.segments_to_send(1.0)
+    assert ack.flags == ACK and ack.ack == seg.seq + len(seg.payload) + 1
+    # Our FIN went first (FIN-WAIT): the peer's FIN is ACKed at once, as before.
+    a, b = pair()
+    a.shutdown_write(1.0)
+    pump(a, b, 1.0)
+    assert a.state is S.FIN_WAIT_1
+    b.shutdown_write(1.001)
+    (fin,) = b.segments_to_send(1.001)
+    assert fin.flags == FIN | ACK  # B's held ACK of A's FIN rides on B's FIN
+    a.receive_segment(fin, 1.001)
+    assert a.state is S.TIME_WAIT
+    (last,) = a.segments_to_send(1.001)
+    assert last.flags == ACK and last.ack == fin.seq + 1

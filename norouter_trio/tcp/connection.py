@@ -25,8 +25,9 @@ Loss recovery (recovery.py): RTO per RFC 6298 with go-back-N after a timeout; Ne
 fast retransmit/recovery; SACK holes retransmitted one per duplicate ACK, again if data
 sent after them gets SACKed first; limited transmit and early retransmit for small
 windows. ACKs: every second segment, at once for out-of-order data, gap fills and window
-updates; within `pushed_ack_delay` (2 ms) when the application reads a pushed segment, so
-that an answer sent meanwhile carries the ACK; otherwise after `delayed_ack`.
+updates; within `pushed_ack_delay` (2 ms) when the application reads a pushed segment, or
+for a FIN that takes us to CLOSE-WAIT, so that an answer (our FIN) sent meanwhile carries
+the ACK; otherwise after `delayed_ack`.
 
 Hot paths: an in-order ACK (with or without data or FIN) in any synchronized state skips
 the §3.10.7.4 checks that cannot apply to it; `segments_to_send` returns early when there
@@ -1561,8 +1562,17 @@ class TCPConnection:
         self.rcv_nxt = (self.rcv_nxt + 1) & MASK
         self._ooo_fin = None
         self._ooo.clear()
-        self._ack_now = True
         self._eof = True
+        delay = self.config.pushed_ack_delay
+        if self.state is ESTABLISHED and not self._fin_queued and delay > 0:
+            # Entering CLOSE-WAIT: the application usually answers EOF by closing, so
+            # the ACK waits (at most `pushed_ack_delay`) for our FIN to carry it: one
+            # segment instead of two (Linux, too, delays it: "pingpong" mode on FIN).
+            deadline = self._delack_deadline
+            if deadline is None or now + delay < deadline:
+                self._delack_deadline = now + delay
+        else:
+            self._ack_now = True
         self._transition(Input.RCV_FIN)
         self._events.append(_EOF_EVENT)
         if self.state is TIME_WAIT:
