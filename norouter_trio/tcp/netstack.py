@@ -158,14 +158,8 @@ class _State:
         self.sending = False
 
     def wake_all(self) -> None:
-        task = self.reader
-        if task is not None:
-            self.reader = None
-            reschedule(task)
-        task = self.writer
-        if task is not None:
-            self.writer = None
-            reschedule(task)
+        self.wake_reader()
+        self.wake_writer()
 
     def wake_reader(self) -> None:
         task = self.reader
@@ -181,24 +175,21 @@ class _State:
 
     async def wait_reader(self) -> None:
         """Park the reading (or connecting) task until `wake_reader`; a checkpoint."""
-        task = current_task()
-        self.reader = task
-
-        def abort(_: object) -> Abort:
-            if self.reader is task:
-                self.reader = None
-            return Abort.SUCCEEDED
-
-        await wait_task_rescheduled(abort)
+        await self._park("reader")
 
     async def wait_writer(self) -> None:
         """Park the sending task until `wake_writer`; a checkpoint."""
+        await self._park("writer")
+
+    async def _park(self, slot: str) -> None:
+        """Park the current task in `slot` ("reader" or "writer") until its wake call
+        clears the slot; a cancelled wait clears it too."""
         task = current_task()
-        self.writer = task
+        setattr(self, slot, task)
 
         def abort(_: object) -> Abort:
-            if self.writer is task:
-                self.writer = None
+            if getattr(self, slot) is task:
+                setattr(self, slot, None)
             return Abort.SUCCEEDED
 
         await wait_task_rescheduled(abort)
