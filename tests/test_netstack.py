@@ -68,6 +68,17 @@ async def _pair(sa: NetStack, sb: NetStack, port: int) -> tuple[TCPStream, TCPSt
     return client, accepted[0]
 
 
+async def _send_while_receiving(client: TCPStream, server: TCPStream,
+                                payload: bytes) -> bytes:
+    """Send `payload` from client while server reads as many bytes; what server got."""
+    got = bytearray()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.send_all, payload)
+        while len(got) < len(payload):
+            got += await server.receive_some()
+    return bytes(got)
+
+
 async def test_check_half_closeable_stream() -> None:
     small = TCPConfig(send_buffer=16384, recv_buffer=16384)
     with trio.fail_after(30):
@@ -154,12 +165,7 @@ async def test_lossy_link_recovers(autojump_clock: trio.testing.MockClock) -> No
     async with two_stacks(tap=[drop_every_7th]) as (sa, sb, _):
         client, server = await _pair(sa, sb, 6000)
         payload = bytes(range(256)) * 2000
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client.send_all, payload)
-            got = bytearray()
-            while len(got) < len(payload):
-                got += await server.receive_some()
-        assert got == payload
+        assert await _send_while_receiving(client, server, payload) == payload
 
 
 async def test_slow_reader_closes_window_and_bounds_memory() -> None:
@@ -315,12 +321,7 @@ async def test_corrupted_packets_dropped_and_recovered(
     async with two_stacks(tap=[corrupt_every_5th_data_packet]) as (sa, sb, _):
         client, server = await _pair(sa, sb, 6006)
         payload = bytes(range(256)) * 4000
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client.send_all, payload)
-            got = bytearray()
-            while len(got) < len(payload):
-                got += await server.receive_some()
-        assert got == payload
+        assert await _send_while_receiving(client, server, payload) == payload
         assert sb.counters["drop_bad_checksum"] > 0
 
 

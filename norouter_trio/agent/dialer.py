@@ -23,7 +23,6 @@ import fnmatch
 import importlib
 import ipaddress
 import logging
-import os
 import socket
 import sys
 import time
@@ -33,7 +32,13 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, Protocol, TypeVar, cas
 
 import trio
 
-from norouter_trio.agent.pump import STREAM_ERRORS, abort_stream, join
+from norouter_trio.agent.pump import (
+    STREAM_ERRORS,
+    abort_stream,
+    direct_receiver,
+    direct_sender,
+    join,
+)
 from norouter_trio.messages import ConfigureArgs, RouteSuggestion
 
 log = logging.getLogger(__name__)
@@ -429,18 +434,7 @@ def receiver(stream: trio.abc.ReceiveStream) -> Receive:
     """
     if type(stream) is not trio.SocketStream:
         return stream.receive_some
-    fd = stream.socket.fileno()
-    read = os.read
-    wait_readable = trio.lowlevel.wait_readable
-
-    async def receive_some(max_bytes: int) -> bytes:
-        while True:
-            try:
-                return read(fd, max_bytes)
-            except BlockingIOError:
-                await wait_readable(fd)
-
-    return receive_some
+    return direct_receiver(stream.socket.fileno())
 
 
 def sender(stream: trio.abc.SendStream) -> Send:
@@ -448,21 +442,7 @@ def sender(stream: trio.abc.SendStream) -> Send:
     A send that does not block does not yield."""
     if type(stream) is not trio.SocketStream:
         return stream.send_all
-    fd = stream.socket.fileno()
-    write = os.write
-    wait_writable = trio.lowlevel.wait_writable
-
-    async def send_all(data: bytes | bytearray) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                n = write(fd, view)
-            except BlockingIOError:
-                await wait_writable(fd)
-                continue
-            view = view[n:]
-
-    return send_all
+    return direct_sender(stream.socket.fileno())
 
 
 class ShortRead(EOFError):

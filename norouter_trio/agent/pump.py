@@ -99,7 +99,7 @@ async def pump(src: trio.abc.ReceiveStream, dst: trio.abc.SendStream, *,
     if type(dst) is TCPStream:
         try_send_last = dst.try_send_last
     if type(src) is trio.SocketStream:
-        receive_some = _direct_receiver(src.socket.fileno())
+        receive_some = direct_receiver(src.socket.fileno())
         if send_last is not None:
             at_eof = _eof_peeker(src.socket)
         # Reads in whole segments of the stack stream: a 256 KiB read is 4 full segments
@@ -108,7 +108,7 @@ async def pump(src: trio.abc.ReceiveStream, dst: trio.abc.SendStream, *,
         if 0 < seg < chunk:
             chunk -= chunk % seg
     elif type(dst) is trio.SocketStream:
-        send_all = _direct_sender(dst.socket.fileno())
+        send_all = direct_sender(dst.socket.fileno())
     while True:
         data: bytes | bytearray | None = (
             receive_now(chunk) if receive_now is not None else None)
@@ -150,7 +150,8 @@ def _eof_peeker(sock: trio.socket.SocketType) -> Callable[[], bool]:
     return at_eof
 
 
-def _direct_receiver(fd: int) -> Callable[[int], Awaitable[bytes]]:
+def direct_receiver(fd: int) -> Callable[[int], Awaitable[bytes]]:
+    """`receive_some` on an OS socket's descriptor: waits in trio only on EAGAIN."""
     read = os.read
     wait_readable = trio.lowlevel.wait_readable
 
@@ -164,7 +165,8 @@ def _direct_receiver(fd: int) -> Callable[[int], Awaitable[bytes]]:
     return receive_some
 
 
-def _direct_sender(fd: int) -> Callable[[bytes | bytearray], Awaitable[None]]:
+def direct_sender(fd: int) -> Callable[[bytes | bytearray], Awaitable[None]]:
+    """`send_all` on an OS socket's descriptor: waits in trio only on EAGAIN."""
     write = os.write
     wait_writable = trio.lowlevel.wait_writable
 

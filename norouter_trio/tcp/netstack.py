@@ -634,8 +634,10 @@ class NetStack:
         backlog = self._backlog
         send_nowait = self._outbound.send_nowait
         stack = self._stack
-        try:
-            for packet in stack.take_output():
+
+        def put(packets: list[bytes]) -> None:
+            """Into the channel while it has room; then, in order, into the backlog."""
+            for packet in packets:
                 if backlog:
                     backlog.append(packet)
                     continue
@@ -643,6 +645,9 @@ class NetStack:
                     send_nowait(packet)
                 except trio.WouldBlock:
                     backlog.append(packet)
+
+        try:
+            put(stack.take_output())
             while self._dirty and not backlog:
                 dirty, self._dirty = self._dirty, {}
                 now = trio.current_time()
@@ -656,14 +661,7 @@ class NetStack:
                             deadline = math.inf
                         if deadline != st.deadline:
                             self._set_deadline(st, deadline)
-                    for packet in packets:
-                        if backlog:
-                            backlog.append(packet)
-                            continue
-                        try:
-                            send_nowait(packet)
-                        except trio.WouldBlock:
-                            backlog.append(packet)
+                    put(packets)
                     if backlog:
                         for rest in pending:  # their turn comes after the backlog
                             self._dirty[rest] = None
