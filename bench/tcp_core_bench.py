@@ -4,13 +4,17 @@ then the same through two `TCPStack`s (IPv4 parse/build and checksums, still no 
 Prints a short table: bulk MB/s one way (and both ways), handshakes+closes per second,
 and memory per idle established connection (tracemalloc); the stack rows price the
 per-packet work (parse, build, checksum) that the trio layer pays on every packet.
-Run: python bench/tcp_core_bench.py [--mbytes 512] [--conns 5000]
+Run: python bench/tcp_core_bench.py [--mbytes 512] [--conns 5000] [--calls]
+`--calls` instead prints Python function calls per connection (cProfile) for the two
+open+close rows: a figure that, unlike conn/s, does not depend on the machine's load.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
+import pstats
 import sys
 import time
 import tracemalloc
@@ -209,11 +213,28 @@ def bench_memory(count: int) -> float:
     return used / (2 * count)
 
 
+def count_calls(count: int) -> None:
+    """Function calls per connection of the open+close rows (load-independent)."""
+    for name, run in (
+        ("open+1B each way+close", lambda: bench_handshakes(count)),
+        ("TCPStack: open+1B+close, cksum", lambda: bench_stack_handshakes(count, True)),
+    ):
+        prof = cProfile.Profile()
+        prof.runcall(run)
+        stats = pstats.Stats(prof)
+        calls = sum(row[1] for row in stats.stats.values())  # type: ignore[attr-defined]
+        print(f"{name:<32}{calls / count:10.1f}  calls/conn")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--mbytes", type=int, default=512, help="bulk transfer size in MB")
     p.add_argument("--conns", type=int, default=5000, help="handshake+close iterations")
+    p.add_argument("--calls", action="store_true", help="print calls per connection only")
     args = p.parse_args()
+    if args.calls:
+        count_calls(min(args.conns, 2000))
+        return
     total = args.mbytes * 1_000_000
     one = bench_bulk(total, False)
     both = bench_bulk(total // 2, True)

@@ -30,9 +30,12 @@ for a FIN that takes us to CLOSE-WAIT, so that an answer (our FIN) sent meanwhil
 the ACK; otherwise after `delayed_ack`.
 
 Hot paths: an in-order ACK (with or without data or FIN) in any synchronized state skips
-the §3.10.7.4 checks that cannot apply to it; `segments_to_send` returns early when there
-is nothing to send; the SACK scoreboard is made on first SACK; ISNs come from a batch of
-OS randomness (one system call per 512 connections).
+the §3.10.7.4 checks that cannot apply to it; `segments_to_send` returns at once when no
+public method was called since it last ran (`_quiet`: output depends only on the state,
+never on `now` alone, and only public methods change the state), and early when there is
+nothing to send; the SACK scoreboard is made on first SACK, the congestion controller
+once the peer's MSS is known; ISNs come from a batch of OS randomness (one system call
+per 512 connections); whether transitions are logged is asked once per connection.
 
 Closing: `shutdown_write` sends FIN after the data; `close` also gives up reading (unread
 or later data resets the connection, RFC 1122 §4.2.2.13); `abort` resets. After
@@ -41,6 +44,7 @@ or later data resets the connection, RFC 1122 §4.2.2.13); `abort` resets. After
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import struct
@@ -73,8 +77,11 @@ from .state import (
 __all__ = ["TCPConfig", "TCPConnection", "TCPStateError"]
 
 log = logging.getLogger(__name__)
-_debug_enabled = log.isEnabledFor  # bound once: asked on every state transition
+_debug_enabled = log.isEnabledFor
 _DEBUG = logging.DEBUG
+# Whether state transitions are logged: asked once per new connection, not once per
+# transition (a dozen per short connection); a level change applies to later connections.
+_trace = False
 
 MASK = 0xFFFFFFFF
 HALF = 0x80000000
@@ -102,6 +109,8 @@ _ESTABLISHED_EVENT = Established()
 _DATA_EVENT = DataAvailable()
 _EOF_EVENT = EOFReceived()
 _WRITABLE_EVENT = Writable()
+# Events are frozen (immutable): one shared instance per close reason.
+_CLOSED_EVENTS = {reason: ConnectionClosed(reason) for reason in CloseReason}
 
 # The whole transition table (the any-state entries expanded), so a transition is one dict
 # lookup; `next_state` is only called to raise for a pair the table lacks.
@@ -139,6 +148,7 @@ class _RandomPool:
 
 
 _random = _RandomPool()
+_random_left = _random._left  # read inline by `TCPConnection.__init__` (saves a call)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_random.clear)
 
@@ -191,8 +201,10 @@ class TCPConfig:
             raise ValueError(f"TCPConfig.recv_buffer must be at most {65535 << _MAX_WSCALE}")
 
 
+@functools.lru_cache(maxsize=64)
 def _wscale_for(bufsize: int) -> int:
-    """Smallest shift that lets the 16-bit window field cover the receive buffer."""
+    """Smallest shift that lets the 16-bit window field cover the receive buffer (cached:
+    asked three times per connection, with one buffer size per configuration)."""
     # The smallest s with 65535 << s >= bufsize is the bit length of ceil(bufsize/65535)-1.
     shift = ((bufsize + 65534) // 65535 - 1).bit_length() if bufsize > 65535 else 0
     return shift if shift < _MAX_WSCALE else _MAX_WSCALE
@@ -226,6 +238,7 @@ class TCPConnection:
         "_persist_deadline",
         "_pto_deadline",
         "_pushed",
+        "_quiet",
         "_rbuf",
         "_rcv_adv",
         "_rcv_wscale",
@@ -257,6 +270,7 @@ class TCPConnection:
         "_ts_recent",
         "_tw_deadline",
         "_want_writable",
+        "_wnd_step",
         "_ws_ok",
         "config",
         "irs",
@@ -278,6 +292,8 @@ class TCPConnection:
         self, local: Address, remote: Address, now: float, config: TCPConfig, isn: int | None
     ) -> None:
         """Use `connect()` or `accept()`; this only fills in a CLOSED connection."""
+        global _trace
+        _trace = _debug_enabled(_DEBUG)
         self.config = config
         self.local = local
         self.remote = remote
@@ -286,7 +302,7 @@ class TCPConnection:
         self.state = CLOSED
         # One 64-bit draw of OS randomness for both the ISS (RFC 9293 §3.4.1) and the
         # per-connection timestamp offset (RFC 7323 §5.4).
-        rnd = _random.take()
+        rnd = _random_left.pop() if _random_left else _random.take()
         iss = rnd & MASK if isn is None else isn & MASK
         self.iss = iss
         self.snd_una = iss
@@ -303,6 +319,9 @@ class TCPConnection:
         self._sbuf_start = (iss + 1) & MASK
         self._sndbufsize = config.send_buffer
         self._rcvbufsize = config.recv_buffer
+        # Receiver SWS avoidance (RFC 9293 §3.8.6.2.2): window offers grow in steps of
+        # at least min(buffer/2, MSS).
+        self._wnd_step = min(config.recv_buffer >> 1, config.mss)
         self._rbuf = bytearray()
         self._ooo: list[tuple[int, bytes]] = []
         self._ooo_fin: int | None = None
@@ -322,7 +341,8 @@ class TCPConnection:
         self._ts_recent = 0
         self._ts_offset = rnd >> 32
         self._rto = RTOEstimator(config.initial_rto, config.min_rto, config.max_rto)
-        self._cc = NewReno(DEFAULT_PEER_MSS, iss)
+        # `_cc` (NewReno) is made by `_take_syn`, once the peer's MSS is known: nothing
+        # reads it before the handshake.
         self._sack = _NO_SACK  # a real scoreboard once the peer first SACKs something
         self._rexmit_next = iss
         self._rexmit_budget = 0
@@ -346,6 +366,10 @@ class TCPConnection:
         self._syn_needed = False
         self._syn_window_only = False  # our only window offer so far is the SYN-ACK's
         self._out: list[Segment] = []
+        # True only while nothing happened since `segments_to_send` last ran: every public
+        # method that changes the connection clears it, so a second call (the owner asks
+        # after every event) returns at once. Output never depends on `now` alone.
+        self._quiet = False
         self._events: list[Event] = []  # a handful at most: a list is 1/10 of a deque
         self._data_event_queued = False
         self._want_writable = False
@@ -433,6 +457,7 @@ class TCPConnection:
     def set_nodelay(self, on: bool) -> None:
         """Disable (True) or re-enable (False) Nagle's algorithm (RFC 9293 §3.7.4)."""
         self._nagle = not on
+        self._quiet = False
 
     # ------------------------------------------------------------------ application calls
 
@@ -442,6 +467,7 @@ class TCPConnection:
         When fewer than `len(data)` were taken, or the buffer is now full, a `Writable`
         event follows once the peer acknowledges data and room frees up.
         """
+        self._quiet = False
         if self.state not in APP_CAN_SEND or self._fin_queued:
             raise TCPStateError(
                 f"cannot send to {self.remote[0]}:{self.remote[1]}: connection is "
@@ -472,6 +498,7 @@ class TCPConnection:
         have = len(rbuf)
         if have == 0 or max_bytes <= 0:
             return b""
+        self._quiet = False
         if max_bytes >= have:
             data = bytes(rbuf)
             rbuf.clear()
@@ -495,12 +522,11 @@ class TCPConnection:
                     self._delack_deadline = deadline = now + delay
         if self.state in RECEIVING:
             adv = ((self._rcv_adv - self.rcv_nxt + HALF) & MASK) - HALF
-            free = self._rcvbufsize - len(rbuf)
-            grow = free - max(adv, 0)
-            bufsize = self._rcvbufsize
-            rmss = self._rmss
-            threshold = min(bufsize // 2, 2 * rmss if adv >= rmss else rmss)
-            if grow >= threshold:
+            grow = self._rcvbufsize - len(rbuf) - (adv if adv > 0 else 0)
+            # The threshold is never below `_wnd_step`: most small reads stop here.
+            if grow >= self._wnd_step and grow >= min(
+                self._rcvbufsize // 2, 2 * self._rmss if adv >= self._rmss else self._rmss
+            ):
                 if delay and self._syn_window_only and adv >= _UPDATE_CAN_WAIT:
                     # The first read after our SYN-ACK, whose window field could not be
                     # scaled (RFC 7323 §2.2): the peer still has plenty of room, so
@@ -515,6 +541,7 @@ class TCPConnection:
         """Send FIN after all queued data (RFC 9293 §3.10.4 CLOSE); reading continues."""
         if self._fin_queued:
             return
+        self._quiet = False
         st = self.state
         if st not in APP_CAN_SEND:
             if st is CLOSED:
@@ -532,6 +559,7 @@ class TCPConnection:
         Unread data, or data arriving later, resets the connection as RFC 1122 §4.2.2.13
         asks, so the peer learns its data was not consumed.
         """
+        self._quiet = False
         st = self.state
         if st is CLOSED:
             return
@@ -553,6 +581,7 @@ class TCPConnection:
 
         The RST is returned by the next `segments_to_send`.
         """
+        self._quiet = False
         st = self.state
         if st is CLOSED:
             return
@@ -593,6 +622,7 @@ class TCPConnection:
 
     def handle_timer(self, now: float) -> None:
         """Run every timer whose deadline is at or before `now`."""
+        self._quiet = False
         t = self._tw_deadline
         if t is not None and t <= now:
             self._tw_deadline = None
@@ -626,6 +656,9 @@ class TCPConnection:
 
     def segments_to_send(self, now: float) -> list[Segment]:
         """Everything to transmit now: control segments, (re)transmissions, ACKs."""
+        if self._quiet:
+            return []  # nothing happened since the last call, which sent all it could
+        self._quiet = True
         out = self._out
         st = self.state
         if out:
@@ -662,36 +695,30 @@ class TCPConnection:
         adv = ((self._rcv_adv - rcv_nxt + HALF) & MASK) - HALF
         if adv < 0:
             adv = 0
-        bufsize = self._rcvbufsize
-        free = bufsize - len(self._rbuf)
-        if free > adv:
-            step = bufsize >> 1
-            if self._rmss < step:
-                step = self._rmss
-            if free - adv < step:
-                free = adv
-        wnd = free if free > adv else adv
+        free = self._rcvbufsize - len(self._rbuf)
+        wnd = free if free - adv >= self._wnd_step else adv
         ws = self._rcv_wscale
-        field = (wnd + (1 << ws) - 1) >> ws if ws else wnd
-        if field > 65535:
-            field = 65535
-        self._rcv_adv = (rcv_nxt + (field << ws)) & MASK
+        if ws:
+            field = (wnd + (1 << ws) - 1) >> ws
+            if field > 65535:
+                field = 65535
+            self._rcv_adv = (rcv_nxt + (field << ws)) & MASK
+        else:
+            field = wnd if wnd < 65535 else 65535
+            self._rcv_adv = (rcv_nxt + field) & MASK
         # All fields positionally in one call: cheaper than setting options afterwards.
-        seg = Segment(
-            self._lport,
-            self._rport,
-            seq,
-            rcv_nxt,
-            flags,
-            field,
-            payload,
-            None,
-            None,
-            False,
-            self._sack_blocks() if self._ooo and self._sack_ok else (),
-            (int(now * 1000) + self._ts_offset) & MASK if self._ts_ok else None,
-            self._ts_recent if self._ts_ok else None,
-        )
+        sack = self._sack_blocks() if self._ooo and self._sack_ok else ()
+        if self._ts_ok:
+            ts_val = (int(now * 1000) + self._ts_offset) & MASK
+            seg = Segment(
+                self._lport, self._rport, seq, rcv_nxt, flags, field, payload,
+                None, None, False, sack, ts_val, self._ts_recent,
+            )  # fmt: skip
+        else:
+            seg = Segment(
+                self._lport, self._rport, seq, rcv_nxt, flags, field, payload,
+                None, None, False, sack,
+            )  # fmt: skip
         if flags & ACK:
             self._ack_now = False
             self._delack_deadline = None
@@ -702,39 +729,60 @@ class TCPConnection:
 
     def _make_syn(self, now: float) -> Segment:
         """SYN (active open) or SYN-ACK, with options (RFC 9293 §3.7.1, RFC 7323, 2018)."""
-        cfg = self.config
-        st = self.state
-        win = min(self._rcvbufsize, 65535)  # the window of a SYN is never scaled
-        if st is SYN_SENT:
-            seg = Segment(self._lport, self._rport, self.iss, 0, SYN, win)
-            seg.mss = self._rmss
-            if cfg.window_scaling:
-                seg.wscale = _wscale_for(self._rcvbufsize)
-            seg.sack_permitted = cfg.sack
-            if cfg.timestamps:
-                seg.ts_val = (int(now * 1000) + self._ts_offset) & MASK
-                seg.ts_ecr = 0
+        iss = self.iss
+        if self.state is SYN_SENT:
+            cfg = self.config
+            bufsize = self._rcvbufsize
+            ts = cfg.timestamps
+            seg = Segment(
+                self._lport,
+                self._rport,
+                iss,
+                0,
+                SYN,
+                bufsize if bufsize < 65535 else 65535,  # the window of a SYN is never scaled
+                b"",
+                self._rmss,
+                _wscale_for(bufsize) if cfg.window_scaling else None,
+                cfg.sack,
+                (),
+                (int(now * 1000) + self._ts_offset) & MASK if ts else None,
+                0 if ts else None,
+            )
         else:
-            win = min(max(self._rcvbufsize - len(self._rbuf), 0), 65535)
-            self._rcv_adv = (self.rcv_nxt + win) & MASK
-            seg = Segment(self._lport, self._rport, self.iss, self.rcv_nxt, SYN | ACK, win)
-            seg.mss = self._rmss
-            if self._ws_ok:
-                seg.wscale = self._rcv_wscale
-            seg.sack_permitted = self._sack_ok
-            if self._ts_ok:
-                seg.ts_val = (int(now * 1000) + self._ts_offset) & MASK
-                seg.ts_ecr = self._ts_recent
+            win = self._rcvbufsize - len(self._rbuf)
+            if win > 65535:
+                win = 65535
+            elif win < 0:
+                win = 0
+            rcv_nxt = self.rcv_nxt
+            self._rcv_adv = (rcv_nxt + win) & MASK
+            ts_ok = self._ts_ok
+            seg = Segment(
+                self._lport,
+                self._rport,
+                iss,
+                rcv_nxt,
+                SYN | ACK,
+                win,
+                b"",
+                self._rmss,
+                self._rcv_wscale if self._ws_ok else None,
+                self._sack_ok,
+                (),
+                (int(now * 1000) + self._ts_offset) & MASK if ts_ok else None,
+                self._ts_recent if ts_ok else None,
+            )
             self._ack_now = False
             self._delack_deadline = None
             self._syn_window_only = True
-        self.snd_nxt = (self.iss + 1) & MASK
-        if self.snd_max == self.iss:
-            self.snd_max = self.snd_nxt
+        nxt = self.snd_nxt = (iss + 1) & MASK
+        if self.snd_max == iss:
+            self.snd_max = nxt
         if self._rto_deadline is None:
             self._rto_deadline = now + self._rto.rto
         if self._retries == 0 and self._rtt_seq is None:
-            self._rtt_seq = self.iss
+            self._rtt_seq = iss
             self._rtt_time = now
         return seg
 
@@ -767,21 +815,57 @@ class TCPConnection:
     # ------------------------------------------------------------------ sending data
 
     def _output_data(self, now: float, out: list[Segment]) -> None:
-        """Retransmissions first, then new data within min(cwnd, peer window)."""
+        """Retransmissions first, then new data within min(cwnd, peer window).
+
+        Called only when there is something to (re)send: see `segments_to_send`.
+        """
         sbuf = self._sbuf
         base = self._sbuf_start
         data_end = (base + len(sbuf)) & MASK
-        if (
-            self.snd_nxt == data_end
-            and self._rexmit_budget <= 0
-            and (not self._fin_queued or self._fin_seq != data_end)
-        ):
-            return  # nothing new, nothing to repair: the common idle case
-        maxpay = self._max_payload()
-        sent_before = len(out)
+        if self._ooo and self._sack_ok:
+            maxpay = self._max_payload()
+        else:
+            maxpay = self._smss - _TS_OPT_LEN if self._ts_ok else self._smss
+        sent = False  # anything (re)transmitted here: the loss probe timer may start
         if self._rexmit_budget > 0:
+            before = len(out)
             self._output_rexmit(now, out, maxpay)
+            sent = len(out) > before
+        nxt = self.snd_nxt
+        if nxt == data_end:
+            # No new data: at most our FIN, alone (it needs no window, RFC 9293 §3.10.4).
+            # The common case of a close, without the window arithmetic below.
+            if self._fin_queued and nxt == self._fin_seq:
+                out.append(self._make(nxt, FIN | ACK, b"", now))
+                self._advance_snd_nxt((nxt + 1) & MASK, now)
+                sent = True
+            if sent and self.snd_una != self.snd_max:
+                self._arm_pto(now)
+            return
         una = self.snd_una
+        if nxt == una:
+            # Nothing in flight and all the unsent data fits one segment and both windows
+            # (a request, a reply): it goes at once, as the loop below would send it, since
+            # neither sender SWS avoidance nor Nagle holds back all that is left.
+            n = ((data_end - nxt + HALF) & MASK) - HALF
+            if 0 < n <= maxpay and n <= self.snd_wnd and n <= self._cc.cwnd:
+                off = (nxt - base) & MASK
+                if off == 0 and n == len(sbuf):
+                    payload = bytes(sbuf)
+                else:
+                    with memoryview(sbuf) as mv:
+                        payload = mv[off : off + n].tobytes()
+                end = (nxt + n) & MASK
+                flags = ACK | PSH
+                if self._fin_queued and end == self._fin_seq:
+                    flags = ACK | PSH | FIN
+                    end = (end + 1) & MASK
+                out.append(self._make(nxt, flags, payload, now))
+                self._advance_snd_nxt(end, now)
+                if n < maxpay:
+                    self._small_end = end
+                self._arm_pto(now)
+                return
         fin_queued = self._fin_queued
         fin_seq = self._fin_seq
         cwnd = self._cc.cwnd
@@ -797,6 +881,7 @@ class TCPConnection:
                     # FIN alone; it needs no window (RFC 9293 §3.10.4).
                     out.append(self._make(nxt, FIN | ACK, b"", now))
                     self._advance_snd_nxt((nxt + 1) & MASK, now)
+                    sent = True
                 break
             in_flight = ((nxt - una + HALF) & MASK) - HALF
             usable = wnd - in_flight
@@ -847,9 +932,10 @@ class TCPConnection:
                     end = (end + 1) & MASK
             out.append(self._make(nxt, flags, payload, now))
             self._advance_snd_nxt(end, now)
+            sent = True
             if n < maxpay:
                 self._small_end = end
-        if len(out) > sent_before and self.snd_una != self.snd_max:
+        if sent and self.snd_una != self.snd_max:
             self._arm_pto(now)
 
     def _advance_snd_nxt(self, end: int, now: float) -> None:
@@ -922,13 +1008,12 @@ class TCPConnection:
         the RTO; two smoothed RTTs later, the probe retransmits it instead.
         """
         srtt = self._rto.srtt
-        una = self.snd_una
-        nxt = self.snd_nxt
-        flight = _sdiff(self.snd_max, una)
+        snd_max = self.snd_max
+        flight = ((snd_max - self.snd_una + HALF) & MASK) - HALF
         if (
             srtt is None
             or flight <= 0
-            or nxt != self.snd_max
+            or self.snd_nxt != snd_max
             or self._retries  # after a timeout we are in loss recovery (§7.2)
             or self._tlp_out  # one probe until SND.UNA advances
             or not self.config.tail_loss_probe
@@ -938,7 +1023,7 @@ class TCPConnection:
         pto = 2 * srtt
         if flight <= self._smss:
             pto += self.config.delayed_ack  # a lone segment's ACK may be delayed
-        deadline = now + max(pto, 0.01)
+        deadline = now + (pto if pto > 0.01 else 0.01)
         rto = self._rto_deadline
         self._pto_deadline = deadline if rto is None or deadline < rto else None
 
@@ -1059,6 +1144,7 @@ class TCPConnection:
 
     def receive_segment(self, seg: Segment, now: float) -> None:
         """Process one segment addressed to this connection (RFC 9293 §3.10.7)."""
+        self._quiet = False
         st = self.state
         flags = seg.flags
         # Fast path (header prediction): a synchronized state, ACK (+PSH, +FIN) without
@@ -1086,7 +1172,10 @@ class TCPConnection:
                 if n or flags & FIN:
                     st = self.state
                     if st in RECEIVING:
-                        self._rcv_text(seg.seq, payload, bool(flags & FIN), now)
+                        if not n and ((self._rcv_adv - self.rcv_nxt + HALF) & MASK) - HALF >= 0:
+                            self._rcv_fin(now)  # a bare FIN in sequence: the usual close
+                        else:
+                            self._rcv_text(seg.seq, payload, bool(flags & FIN), now)
                     elif st is TIME_WAIT and flags & FIN:
                         self._ack_now = True
                         self._tw_deadline = now + self.config.time_wait
@@ -1140,23 +1229,32 @@ class TCPConnection:
         cfg = self.config
         self.irs = seg.seq
         self.rcv_nxt = (seg.seq + 1) & MASK
-        peer_mss = seg.mss if seg.mss else DEFAULT_PEER_MSS
-        self._smss = max(64, min(peer_mss, cfg.mss))
-        ts = cfg.timestamps and seg.ts_val is not None
-        self._cc.set_smss(self._smss - (_TS_OPT_LEN if ts else 0))
-        if cfg.window_scaling and seg.wscale is not None:
-            self._snd_wscale = min(seg.wscale, _MAX_WSCALE)
+        smss = seg.mss or DEFAULT_PEER_MSS
+        if smss > cfg.mss:
+            smss = cfg.mss
+        if smss < 64:
+            smss = 64
+        self._smss = smss
+        ts_val = seg.ts_val
+        if cfg.timestamps and ts_val is not None:
+            self._ts_ok = True
+            self._ts_recent = ts_val
+            smss -= _TS_OPT_LEN
+        self._cc = NewReno(smss, self.iss)
+        wscale = seg.wscale
+        if wscale is not None and cfg.window_scaling:
+            self._snd_wscale = wscale if wscale < _MAX_WSCALE else _MAX_WSCALE
             self._rcv_wscale = _wscale_for(self._rcvbufsize)
             self._ws_ok = True
         self._sack_ok = cfg.sack and seg.sack_permitted
-        if cfg.timestamps and seg.ts_val is not None:
-            self._ts_ok = True
-            self._ts_recent = seg.ts_val
 
     def _rcv_syn_sent(self, seg: Segment, now: float) -> None:
         """SYN-SENT processing (RFC 9293 §3.10.7.3)."""
         flags = seg.flags
-        if flags & ACK and (_sdiff(seg.ack, self.iss) <= 0 or _sdiff(seg.ack, self.snd_max) > 0):
+        if flags & ACK and (
+            ((seg.ack - self.iss + HALF) & MASK) - HALF <= 0
+            or ((seg.ack - self.snd_max + HALF) & MASK) - HALF > 0
+        ):
             if not flags & RST:
                 self._out.append(Segment(self._lport, self._rport, seg.ack, 0, RST, 0))
             return
@@ -1175,13 +1273,13 @@ class TCPConnection:
                 self._rto.sample(now - self._rtt_time)
             self._rtt_seq = None
             self._retries = 0
-            self.snd_una = seg.ack
-            self.snd_nxt = seg.ack
-            self.snd_wnd = seg.window  # unscaled in a SYN-ACK (RFC 7323 §2.2)
-            self.max_snd_wnd = seg.window
+            ack = seg.ack
+            self.snd_una = self.snd_nxt = self.snd_wl2 = ack
+            # The window of a SYN-ACK is never scaled (RFC 7323 §2.2), nor was ours.
+            self.snd_wnd = self.max_snd_wnd = seg.window
             self.snd_wl1 = seg.seq
-            self.snd_wl2 = seg.ack
-            self._rcv_adv = (self.rcv_nxt + min(self._rcvbufsize, 65535)) & MASK
+            bufsize = self._rcvbufsize
+            self._rcv_adv = (self.rcv_nxt + (bufsize if bufsize < 65535 else 65535)) & MASK
             self._on_established()
             self._ack_now = True
             if seg.payload or flags & FIN:
@@ -1429,14 +1527,15 @@ class TCPConnection:
 
         Returns True for a partial ACK during recovery.
         """
-        base = self._sbuf_start
         sbuf = self._sbuf
-        n = ((ack - base + HALF) & MASK) - HALF
-        if n > 0:
-            if n > len(sbuf):
-                n = len(sbuf)
-            del sbuf[:n]
-            self._sbuf_start = (base + n) & MASK
+        if sbuf:  # (empty: the ACK covers only our SYN or FIN)
+            base = self._sbuf_start
+            n = ((ack - base + HALF) & MASK) - HALF
+            if n > 0:
+                if n > len(sbuf):
+                    n = len(sbuf)
+                del sbuf[:n]
+                self._sbuf_start = (base + n) & MASK
         self.snd_una = ack
         if ((self.snd_nxt - ack + HALF) & MASK) - HALF < 0:
             self.snd_nxt = ack
@@ -1446,17 +1545,20 @@ class TCPConnection:
             self._rtt_seq = None
         self._retries = 0
         self._tlp_out = False
-        if ack == self.snd_max:
+        snd_max = self.snd_max
+        if ack == snd_max:
             self._rto_deadline = None  # RFC 6298 §5.2
             self._pto_deadline = None
+            flight = 0
         else:
             self._rto_deadline = now + self._rto.rto  # §5.3
             self._arm_pto(now)
-        flight = ((self.snd_max - ack + HALF) & MASK) - HALF
+            flight = ((snd_max - ack + HALF) & MASK) - HALF
         self._ltx = 0
         partial = self._cc.on_new_ack(ack, acked, flight)
-        if self._sack.ranges:
-            self._sack.prune(ack)
+        sack = self._sack
+        if sack.ranges:
+            sack.prune(ack)
         if self._want_writable and len(sbuf) < self._sndbufsize:
             self._want_writable = False
             self._events.append(_WRITABLE_EVENT)
@@ -1641,7 +1743,7 @@ class TCPConnection:
             self.state = _TRANSITIONS[old, inp]
         except KeyError:
             self.state = next_state(old, inp)  # raises: the table has every valid pair
-        if _debug_enabled(_DEBUG):
+        if _trace:
             log.debug("%r: %s on %s", self, old.value, inp.value)
 
     def _finish(self, reason: CloseReason) -> None:
@@ -1657,7 +1759,7 @@ class TCPConnection:
         self._rexmit_budget = 0
         self._sbuf = bytearray()
         self._ooo = []
-        self._events.append(ConnectionClosed(reason))
+        self._events.append(_CLOSED_EVENTS[reason])
 
     def __repr__(self) -> str:
         return (

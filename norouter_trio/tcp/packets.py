@@ -72,7 +72,9 @@ _NOP_NOP = (1, 1)
 # offset and flags as one word; `_HDR_TS` adds NOP NOP TS (RFC 7323 Appendix A layout).
 _HDR_PLAIN = struct.Struct("!HHHHBBH4s4sHHIIHHHH")
 _HDR_TS = struct.Struct("!HHHHBBH4s4sHHIIHHHHIII")
-_HDR_IN = struct.Struct("!BBHHHBBHIIHHIIBBHHH")  # addresses as integers, for parsing
+# For parsing: the fields `parse_tcp_fast` uses, addresses as integers; TOS, ident, TTL and
+# both checksums are skipped ("x"), the checksums being verified over the raw bytes.
+_HDR_IN = struct.Struct("!BxHxxHxBxxIIHHIIBBHxxxx")
 _NOP_NOP_TS_WORD = 0x0101080A
 _NOP_NOP_TS = b"\x01\x01\x08\x0a"
 _TS_VALUES = struct.Struct("!II")
@@ -468,36 +470,37 @@ def parse_tcp_fast(
     if n < 40:
         return None
     (
-        vihl, tos, total, ident, frag, ttl, proto, ip_ck, src, dst,
-        sport, dport, seq, ack, off, flags, window, _, _,
+        vihl, total, frag, proto, src, dst, sport, dport, seq, ack, off, flags, window
     ) = _HDR_IN.unpack_from(packet)  # fmt: skip
-    if vihl != 0x45 or proto != IPPROTO_TCP or frag & (_IP_MF | _IP_OFFSET_MASK):
-        return None
-    if total > n or total < 40:
-        return None
-    hlen = (off >> 4) << 2
+    hlen = (off & 0xF0) >> 2
     tcp_len = total - 20
-    if hlen < 20 or hlen > tcp_len:
-        return None
-    if hlen == 20:
-        layout = 0
-    elif hlen == 32 and packet[40:44] == _NOP_NOP_TS:
-        layout = 1
-    elif (
-        hlen == 40
-        and packet[40] == 2
-        and packet[41] == 4
-        and packet[44:48] == _SACKOK_TS
-        and packet[56:59] == _NOP_WS
+    if (
+        vihl != 0x45
+        or proto != IPPROTO_TCP
+        or frag & (_IP_MF | _IP_OFFSET_MASK)
+        or total > n
+        or hlen < 20
+        or hlen > tcp_len
     ):
-        layout = 2
-    else:
+        return None
+    # (total >= 40 follows: hlen >= 20 and hlen <= total - 20.)
+    if hlen == 32:
+        if packet[40:44] != _NOP_NOP_TS:
+            return None
+    elif hlen == 40:
+        if (
+            packet[40] != 2
+            or packet[41] != 4
+            or packet[44:48] != _SACKOK_TS
+            or packet[56:59] != _NOP_WS
+        ):
+            return None
+    elif hlen != 20:
         return None
     if verify_checksums:
-        # IPv4 header: the sum of its words must be 0xFFFF, i.e. ≡ 0 (it is never 0).
-        if (
-            (vihl << 8) + tos + total + ident + frag + ((ttl << 8) | proto) + ip_ck + src + dst
-        ) % 0xFFFF:
+        # IPv4 header: the sum of its words must be 0xFFFF, i.e. the header's value ≡ 0
+        # (mod 0xFFFF, as 2**16 ≡ 1); it is never 0, since its first byte is 0x45.
+        if int.from_bytes(packet[:20], "big") % 0xFFFF:
             return None
         if tcp_len <= _SMALL:
             # Big-endian words ≡ the buffer's value mod 0xFFFF; an odd tail is padded.
@@ -508,19 +511,21 @@ def parse_tcp_fast(
             return None
     start = 20 + hlen
     payload = bytes(packet[start:total]) if total > start else b""
-    if layout == 0:
-        seg = Segment(sport, dport, seq, ack, flags, window, payload)
-    elif layout == 1:
+    if hlen == 32:
         ts_val, ts_ecr = _TS_VALUES.unpack_from(packet, 44)
         seg = Segment(
             sport, dport, seq, ack, flags, window, payload, None, None, False, (), ts_val, ts_ecr
         )
+    elif hlen == 20:
+        seg = Segment(sport, dport, seq, ack, flags, window, payload)
     else:
         mss, ts_val, ts_ecr, wscale = _SYN_OPTS.unpack_from(packet, 40)
         seg = Segment(
             sport, dport, seq, ack, flags, window, payload, mss, wscale, True, (), ts_val, ts_ecr
         )
-    return _addr_str(src), _addr_str(dst), seg
+    # The address cache inline: two calls fewer per packet when both are known.
+    cache = _ADDR_CACHE
+    return cache.get(src) or _addr_str(src), cache.get(dst) or _addr_str(dst), seg
 
 
 def icmp_echo_reply(ip: IPv4Packet, ident: int = 0) -> bytes | None:
