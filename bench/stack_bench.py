@@ -2,11 +2,13 @@
 channels (the same shape the agent uses, minus stdio framing).
 
     python bench/stack_bench.py [--mb 64] [--conns 16] [--churn 3000] [--idle 1000]
-                                [--profile bulk|churn]
+                                [--workers 16] [--profile bulk|churn] [--count]
 
 Prints bulk MB/s for one connection (receive-side checksum verification off, then on),
 for 16 connections at once, connection set-ups + tear-downs per second, and memory per
 idle established connection (tracemalloc, both endpoints counted separately).
+`--count` instead prints, per set-up + tear-down, the trio task steps (by task), I/O
+waits and Python function calls: figures that, unlike conn/s, do not depend on the load.
 """
 
 from __future__ import annotations
@@ -119,8 +121,9 @@ async def pure(nbytes: int) -> float:
         checksum.set_numpy(True)
 
 
-async def churn(total: int, workers: int = 16) -> float:
-    """Set-ups + tear-downs per second: connect, accept, close both sides, wait for FINs."""
+async def churn(total: int, workers: int = 16, segments: list[int] | None = None) -> float:
+    """Set-ups + tear-downs per second: connect, accept, close both sides, wait for FINs.
+    `segments` (if given) gets the number of TCP segments both stacks sent."""
     config = TCPConfig(time_wait=0.05)
     async with pair(False, config) as (sa, sb):
         listener = sb.listen(B, 5002, backlog=1024)
@@ -150,6 +153,8 @@ async def churn(total: int, workers: int = 16) -> float:
                     clients.start_soon(client, total // workers)
             elapsed = time.perf_counter() - start
             nursery.cancel_scope.cancel()
+        if segments is not None:
+            segments.append(sa.counters["segments_out"] + sb.counters["segments_out"])
         return (total // workers) * workers / elapsed
 
 
@@ -171,6 +176,47 @@ async def idle_memory(n: int) -> tuple[float, int]:
             c.abort()
             s.abort()
         return per_endpoint, 2 * n
+
+
+class _StepCounter(trio.abc.Instrument):
+    """Counts task steps by task name and I/O waits (scheduling passes that block)."""
+
+    def __init__(self) -> None:
+        self.steps: dict[str, int] = {}
+        self.io_waits = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        name = task.name.rsplit(".", 1)[-1]
+        self.steps[name] = self.steps.get(name, 0) + 1
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.io_waits += 1
+
+
+def count_churn(total: int, workers: int) -> None:
+    """Print task steps, I/O waits and function calls per set-up + tear-down: the warm-up
+    run's figures are subtracted out by measuring `total` and `2 * total` connections."""
+    figures = []
+    segments: list[int] = []
+    for n in (total, 2 * total):
+        counter = _StepCounter()
+        prof = cProfile.Profile()
+        prof.enable()
+        trio.run(churn, n, workers, segments, instruments=[counter])
+        prof.disable()
+        calls = pstats.Stats(prof).total_calls  # type: ignore[attr-defined]
+        figures.append((counter, calls))
+    (c1, calls1), (c2, calls2) = figures
+    per = 1 / (total // workers * workers)
+    print(f"per connection (client + server, {workers} workers):")
+    print(f"  TCP segments    {(segments[1] - segments[0]) * per:8.2f}")
+    print(f"  function calls  {(calls2 - calls1) * per:8.1f}")
+    print(f"  I/O waits       {(c2.io_waits - c1.io_waits) * per:8.2f}")
+    print(f"  task steps      {(sum(c2.steps.values()) - sum(c1.steps.values())) * per:8.2f}")
+    for name in sorted(c2.steps, key=lambda k: -c2.steps[k]):
+        d = (c2.steps[name] - c1.steps.get(name, 0)) * per
+        if abs(d) >= 0.005:
+            print(f"    {name:<14}{d:8.2f}")
 
 
 def checksum_rows() -> list[tuple[str, str]]:
@@ -219,10 +265,17 @@ def main() -> None:
     ap.add_argument("--conns", type=int, default=16)
     ap.add_argument("--churn", type=int, default=3000, help="connections opened and closed")
     ap.add_argument("--idle", type=int, default=1000, help="idle connections for memory")
+    ap.add_argument("--workers", type=int, default=16, help="concurrent set-up + tear-downs")
     ap.add_argument("--profile", choices=["bulk", "churn"], help="cProfile one test instead")
+    ap.add_argument(
+        "--count", action="store_true", help="task steps / calls per set-up + tear-down instead"
+    )
     args = ap.parse_args()
     nbytes = args.mb << 20
     checksum.checksum(bytes(65536))  # import the optional numpy accelerator up front
+    if args.count:
+        count_churn(args.churn, args.workers)
+        return
 
     if args.profile:
         target: Callable[[], Awaitable[object]]
@@ -233,7 +286,7 @@ def main() -> None:
         else:
 
             def target() -> Awaitable[object]:
-                return churn(args.churn)
+                return churn(args.churn, args.workers)
 
         prof = cProfile.Profile()
         prof.enable()
@@ -251,7 +304,7 @@ def main() -> None:
             f"bulk, {args.conns} connections, verify off",
             f"{run(lambda: bulk(nbytes, args.conns, False)):.0f} MB/s",
         ),
-        ("set-up + tear-down", f"{run(lambda: churn(args.churn)):.0f} conn/s"),
+        ("set-up + tear-down", f"{run(lambda: churn(args.churn, args.workers)):.0f} conn/s"),
     ]
     rows += checksum_rows()
     per, count = trio.run(idle_memory, args.idle)

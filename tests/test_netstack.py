@@ -688,3 +688,57 @@ async def test_the_ack_of_a_fin_waits_for_our_fin_then_goes_alone_if_none_comes(
             await client.aclose()
             assert await server.receive_some() == b""
             assert [f & (_FIN | _ACK) for f, _ in from_a[before:]] == [_ACK, _FIN | _ACK]
+
+
+async def test_the_request_after_connect_carries_the_handshake_ack() -> None:
+    """The task woken by the SYN-ACK sends the held ACK itself with its first data."""
+    from_a: list[tuple[int, bytes]] = []
+    with trio.fail_after(10):
+        async with two_stacks(tap=[_segments_from(A, from_a)]) as (sa, sb, _):
+            listener = sb.listen(B, 80)
+            client = await sa.connect(B, 80)
+            await client.send_all(b"GET / HTTP/1.0\r\n\r\n")
+            server = await listener.accept()
+            assert await server.receive_some() == b"GET / HTTP/1.0\r\n\r\n"
+            assert [(f & (_SYN | _ACK), p) for f, p in from_a] == [
+                (_SYN, b""),
+                (_ACK, b"GET / HTTP/1.0\r\n\r\n"),
+            ]
+            await client.aclose()
+            await server.aclose()
+
+
+async def test_a_held_ack_leaves_without_a_timer_when_the_woken_task_sends_nothing(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Time stands still (no delayed-ACK or retransmission timer can fire): the
+    handshake's ACK, held for the task woken by the SYN-ACK, still leaves when that task
+    sends nothing (as a client waiting for the server to speak first), a scheduling pass
+    later, alone."""
+    from_a: list[tuple[int, bytes]] = []
+    async with two_stacks(tap=[_segments_from(A, from_a)]) as (sa, sb, nursery):
+        listener = sb.listen(B, 80)
+        connected = trio.Event()
+
+        async def client_waits() -> None:
+            client = await sa.connect(B, 80)
+            connected.set()
+            assert await client.receive_some() == b"banner"  # the server speaks first
+            client.abort()
+
+        accepted: list[TCPStream] = []
+
+        async def accept() -> None:
+            accepted.append(await listener.accept())
+
+        nursery.start_soon(accept)
+        nursery.start_soon(client_waits)
+        await trio.testing.wait_all_tasks_blocked()
+        assert connected.is_set()
+        assert accepted, "the handshake's ACK was held for good"
+        server = accepted[0]
+        assert [(f & (_SYN | _ACK), p) for f, p in from_a] == [(_SYN, b""), (_ACK, b"")]
+        await server.send_all(b"banner")
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio.current_time() == 0  # no timer did any of it
+        server.abort()

@@ -7,18 +7,25 @@ Shape: `NetStack.run` owns one nursery with
   (`send_nowait`: one ACK per connection per batch, no hand-off to another task);
 - output of application calls (`send_all`, a read that opens the window, `aclose`) goes
   out at once, in the caller's task; except for a connection whose reader was just woken
-  by input: its output (the ACK, mostly) is *held* and flushed by the writer one
-  scheduling pass later, after that task ran, so the reply, the request after `connect`
-  or the FIN after EOF carries the ACK (one segment instead of two; never a timer);
-- the *writer*: flushes held output, and drains the *backlog*: packets the outbound
-  channel had no room for, awaiting room. It is the only place output waits; while the
-  backlog is not empty nothing else is added (order kept, at most one connection's output
-  pending there), the other connections keep theirs in the core;
+  by input: its output (the ACK, mostly) is *held* until that task has run, so the reply,
+  the request after `connect` or the FIN after EOF carries the ACK (one segment instead
+  of two; never a timer). The woken task sends it itself with its first send, FIN or
+  close (a read's window update stays held); if it does none, the writer does: the task
+  wakes it when it resumes, so the writer runs in the next scheduling pass, after the
+  rest of that task's step;
+- the *writer*: flushes held output the woken task did not send, big writes (see
+  `send_all`), and drains the *backlog*: packets the outbound channel had no room for,
+  awaiting room. It is the only place output waits; while the backlog is not empty
+  nothing else is added (order kept, at most one connection's output pending there), the
+  other connections keep theirs in the core;
 - the *timer* task: one for the whole stack, sleeping until the earliest of the cores'
   `get_timer()` deadlines, kept in a heap (one live entry per connection; no polling, no
   task per connection or packet). A deadline that moves later leaves its entry in place
   and is re-queued when that entry comes due, so the common RTO re-arm on every ACK costs
-  no heap work; one that moves earlier pushes a new entry (the old one goes stale);
+  no heap work; one that moves earlier pushes a new entry (the old one goes stale). The
+  reader, too, runs the timers due when it ends a batch (one comparison when none is):
+  under load a deadline often passes while it runs anyway, and the timer task then need
+  not wake for it;
 - one task per SYN offered to the accept-any (bastion) handler, running that handler.
 
 Channel "full" behaviour (what we chose, and why it is safe):
@@ -110,6 +117,10 @@ _FIN_WAIT_2 = TCPState.FIN_WAIT_2
 #: send_all() calls this big leave their output to the writer task (see send_all);
 #: smaller ones (requests, replies, keystrokes) are sent at once.
 DEFER_WRITES_FROM = 16 * 1024
+# How an application call left its connection (see NetStack._after).
+_SEND = 0  # output now (held output too)
+_READ = 1  # a read: its window update leaves with held output, if any
+_DEFER = 2  # a big write: the writer flushes it
 
 __all__ = ["NetStack", "PendingConnection", "TCPListener", "TCPStream"]
 
@@ -151,7 +162,7 @@ class _State:
         self.eof_sent = False
         self.reset = False
         self.finished = False
-        self.held = False  # output held for the writer to flush; see NetStack._after
+        self.held = False  # output held for the woken reader's reply; see NetStack._after
         self.local_closed = False
         self.close_reason: CloseReason | None = None
         self.receiving = False
@@ -173,9 +184,16 @@ class _State:
             self.writer = None
             reschedule(task)
 
-    async def wait_reader(self) -> None:
-        """Park the reading (or connecting) task until `wake_reader`; a checkpoint."""
-        await self._park("reader")
+    async def wait_reader(self, ns: NetStack) -> None:
+        """Park the reading (or connecting) task until `wake_reader`; a checkpoint. Woken
+        with its connection's output held (see `NetStack._after`), the task has the
+        writer send it in the next scheduling pass, after this step, unless it sends first
+        itself (the writer then finds nothing to do)."""
+        try:
+            await self._park("reader")
+        finally:
+            if self.held:
+                ns._held_due(self)
 
     async def wait_writer(self) -> None:
         """Park the sending task until `wake_writer`; a checkpoint."""
@@ -259,8 +277,10 @@ class NetStack:
         self._nursery: trio.Nursery | None = None
         self._dirty: dict[_State, None] = {}
         self._backlog: deque[bytes] = deque()  # output the channel had no room for
-        self._held: dict[_State, None] = {}  # output waiting for woken readers; see _after
-        self._hold_twice = False
+        # Held output whose woken task has run (or is running): the writer sends it.
+        self._due: dict[_State, None] = {}
+        #: The run's clock (`trio.current_time()` without its two wrapper calls).
+        self._now: Callable[[], float] = trio.current_time
         self._writer_task: trio.lowlevel.Task | None = None  # set while the writer waits
         self._batching = False  # the reader or timer runs: it flushes when done
         self._timers: list[tuple[float, int, _State]] = []  # heap; see _timer_loop
@@ -316,6 +336,7 @@ class NetStack:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                self._now = trio.lowlevel.current_clock().current_time
                 NetStack._running.add(self)
                 nursery.start_soon(self._writer)
                 nursery.start_soon(self._timer_loop)
@@ -382,34 +403,49 @@ class NetStack:
         channel at once, in this task: no hand-off to the writer (a scheduling pass per
         batch), and one batch of input gives one ACK per connection, not one per packet."""
         receive_nowait = inbound.receive_nowait
-        on_packet = self._on_packet
+        receive_packet = self._stack.receive_packet
+        take_output = self._stack.take_output
+        backlog = self._backlog
+        timers = self._timers
+        after = self._after
+        on_other = self._on_other
         flush = self._flush
+        clock = self._now
         async for packet in inbound:
-            now = trio.current_time()
+            now = clock()
             self._batching = True
             try:
-                on_packet(packet, now)
-                for _ in range(READ_BATCH):
+                left = READ_BATCH
+                while True:
+                    outcome = receive_packet(packet, now)
+                    if type(outcome) is Delivered:
+                        st = outcome.conn.owner
+                        if st is not None:
+                            after(st, now)
+                    elif outcome is not None:
+                        on_other(outcome, now)
+                    left -= 1
+                    if not left:
+                        break
                     try:
                         packet = receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                    on_packet(packet, now)
+                if timers and timers[0][0] <= now:
+                    self._fire_timers(now)
             finally:
                 self._batching = False
-            flush()
-            if self._held:
-                self._kick()
-            if self._timer_scope is not None and self._timers:
+            if not backlog:  # (else they wait in the stack, as connections' output)
+                packets = take_output()  # the stack's own RSTs and echo replies first
+                if packets:
+                    self._put(packets)
+            flush(now)
+            if self._timer_scope is not None:
                 self._retime()
 
-    def _on_packet(self, packet: bytes, now: float) -> None:
-        outcome = self._stack.receive_packet(packet, now)
-        if type(outcome) is Delivered:
-            st = outcome.conn.owner
-            if st is not None:
-                self._after(st)
-            return
+    def _on_other(self, outcome: Delivered | NewConnection | NewPending, now: float) -> None:
+        """A SYN for a listener (a new connection) or for the accept-any handler (the
+        reader handles `Delivered` itself)."""
         if isinstance(outcome, NewConnection):
             listener = self._listeners.get(outcome.listener)
             if listener is None or listener._closed or listener._full():
@@ -417,7 +453,7 @@ class NetStack:
                 self._stack.counters["listen_overflow"] += 1
                 return
             listener._half_open += 1
-            self._after(self._new_state(outcome.conn, listener))
+            self._after(self._new_state(outcome.conn, listener), now)
         elif isinstance(outcome, NewPending):
             handler = self._handler
             if handler is None or self._nursery is None:
@@ -426,7 +462,6 @@ class NetStack:
                 self._nursery.start_soon(
                     self._run_handler, handler, PendingConnection(self, outcome.pending)
                 )
-        # (the stack may have queued RSTs or echo replies: the reader flushes them)
 
     # ---- per-connection plumbing -------------------------------------------------------
 
@@ -436,9 +471,11 @@ class NetStack:
         self._require_running()
         return st
 
-    def _after(self, st: _State, *, defer: bool = False) -> None:
-        """After any call into a connection: dispatch its events, move its timer, mark it
-        for output."""
+    def _after(self, st: _State, now: float, how: int = _SEND) -> None:
+        """After any call into a connection: dispatch its events, move its timer, send its
+        output. `how`: _SEND (an application call that sends: flush now, held output
+        too), _READ (a read's window update: stays held if output is held) or _DEFER (a
+        big write: the writer flushes it, see `send_all`)."""
         tcp = st.conn.tcp
         woke = False  # a reader (or connect) waiter: it may answer at once
         ev = tcp.next_event()
@@ -473,28 +510,39 @@ class NetStack:
             # Writable only follows a send() that was cut short; a buffer filled exactly
             # leaves wait_send_all_might_not_block() waiting, so wake it on any room.
             st.wake_writer()
-        if not self._batching:
-            # An application call: flush at once, unless the connection's output is
-            # held for a reply (below); then the writer sends it all together.
-            self._dirty[st] = None
-            if st.held or defer or self._nursery is None:
-                self._kick()
+        if self._batching:
+            # Input (or a timer): the reader (timer task) flushes after its batch.
+            if st.finished:
+                self._dirty[st] = None
+            elif st.held:
+                pass  # more input for a held connection: its output leaves with the rest
+            elif woke and not tcp.bytes_in_send_buffer:
+                # Input woke this connection's reader: hold its output (an ACK, mostly)
+                # until that task has run, so what it sends in answer (a request after
+                # connect, a reply, the FIN after EOF) carries the ACK: one segment
+                # instead of two. It sends it itself with that answer; else the writer,
+                # woken when the task resumes (wait_reader), does a pass later; never a
+                # timer. (Not when data is queued already, e.g. connect's initial_data:
+                # the ACK rides on that.)
+                st.held = True
             else:
-                self._flush()
-        elif woke and not st.finished and not tcp.bytes_in_send_buffer:
-            # Input woke this connection's reader: hold its output (an ACK, mostly) until
-            # that task has run, so what it sends in answer (a request after connect, a
-            # reply, the FIN after EOF) carries the ACK: one segment instead of two. The
-            # writer flushes it one scheduling pass later; never a timer. (Not when data
-            # is queued already, e.g. connect's initial_data: the ACK rides on that.)
-            self._held[st] = None
-            st.held = True
-            if self._writer_task is None:
-                # The writer is already runnable, maybe later in this very pass: then
-                # one yield would not be enough to let the woken reader run first.
-                self._hold_twice = True
+                self._dirty[st] = None
+            return
+        if st.held:
+            if how == _READ and not st.finished:
+                return  # a window update: it leaves with the held ACK
+            st.held = False  # sent now (the writer's entry, if any, goes stale)
+        self._dirty[st] = None
+        if how == _DEFER or self._nursery is None:
+            self._kick()
         else:
-            self._dirty[st] = None
+            self._flush(now)
+
+    def _held_due(self, st: _State) -> None:
+        """The task woken with `st`'s output held runs: have the writer send it after this
+        step (a no-op then if the task sent it itself meanwhile)."""
+        self._due[st] = None
+        self._kick()
 
     def _on_closed(self, st: _State, reason: CloseReason) -> None:
         st.finished = True
@@ -505,11 +553,12 @@ class NetStack:
         self._stack.counters["retransmits"] += int(getattr(st.conn.tcp, "retransmits", 0))
         if st.listener is not None and not st.established:
             st.listener._half_open -= 1
-        st.wake_all()
+        if st.reader is not None or st.writer is not None:
+            st.wake_all()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s: connection %s closed (%s)", self.vip, st.describe(), reason.value)
 
-    def _set_deadline(self, st: _State, deadline: float) -> None:
+    def _set_deadline(self, st: _State, deadline: float, now: float) -> None:
         """Record the core's new deadline; queue it only if it is earlier than the
         connection's live heap entry (a later one is re-queued when that entry fires).
         TIME-WAIT (and FIN-WAIT-2 give-up) ends are rounded up to a TIME_WAIT_GRID step:
@@ -518,7 +567,7 @@ class NetStack:
         state = st.conn.tcp.state
         if deadline != math.inf and (state is _TIME_WAIT or (
             # FIN-WAIT-2's give-up timer (the same length); not its delayed ACK
-            state is _FIN_WAIT_2 and deadline - trio.current_time() > TIME_WAIT_GRID
+            state is _FIN_WAIT_2 and deadline - now > TIME_WAIT_GRID
         )):
             deadline = math.ceil(deadline / TIME_WAIT_GRID) * TIME_WAIT_GRID
         st.deadline = deadline
@@ -535,46 +584,54 @@ class NetStack:
     async def _timer_loop(self) -> None:
         """Fire due connection timers; sleep until the earliest deadline in the heap."""
         heap = self._timers
-        heappop = heapq.heappop
+        clock = self._now
         while True:
-            now = trio.current_time()
-            fired = False
+            now = clock()
             self._batching = True
             try:
-                while heap and heap[0][0] <= now:
-                    when, _, st = heappop(heap)
-                    if when != st.queued or st.finished:
-                        continue  # superseded by an earlier entry, or the connection ended
-                    st.queued = math.inf
-                    tcp = st.conn.tcp
-                    deadline = tcp.get_timer()
-                    if deadline is None:
-                        st.deadline = math.inf
-                    elif deadline <= now:
-                        st.deadline = math.inf  # _flush re-arms from get_timer()
-                        tcp.handle_timer(now)
-                        self._after(st)
-                        fired = True
-                    else:
-                        self._set_deadline(st, deadline)  # moved later since queued
+                fired = self._fire_timers(now)
             finally:
                 self._batching = False
             if fired:
-                self._flush()
-                if self._held:
-                    self._kick()
+                self._flush(now)
             if len(heap) > 64 and len(heap) > 4 * len(self._stack.connections):
                 live = [e for e in heap if e[0] == e[2].queued and not e[2].finished]
                 heap[:] = live
                 heapq.heapify(heap)
-            self._drop_stale_timers()
+            self._drop_stale_timers(now)
             self._timer_next = heap[0][0] if heap else math.inf
             with trio.CancelScope(deadline=self._timer_next) as scope:
                 self._timer_scope = scope
                 await trio.sleep_forever()
             self._timer_scope = None
 
-    def _drop_stale_timers(self) -> None:
+    def _fire_timers(self, now: float) -> bool:
+        """Run the cores' timers due at `now` (the caller is batching, and flushes if this
+        returns True: some fired). The timer task does, and the reader after a batch of
+        input: under load a deadline often passes while the reader runs anyway, and the
+        timer task then need not wake (a task step, a cancel scope) for it."""
+        heap = self._timers
+        heappop = heapq.heappop
+        fired = False
+        while heap and heap[0][0] <= now:
+            when, _, st = heappop(heap)
+            if when != st.queued or st.finished:
+                continue  # superseded by an earlier entry, or the connection ended
+            st.queued = math.inf
+            tcp = st.conn.tcp
+            deadline = tcp.get_timer()
+            if deadline is None:
+                st.deadline = math.inf
+            elif deadline <= now:
+                st.deadline = math.inf  # _flush re-arms from get_timer()
+                tcp.handle_timer(now)
+                self._after(st, now)
+                fired = True
+            else:
+                self._set_deadline(st, deadline, now)  # moved later since queued
+        return fired
+
+    def _drop_stale_timers(self, now: float) -> None:
         """Before sleeping: pop heap-top entries of ended connections and entries whose
         deadline moved later or went away (re-queued at the new one), so the loop does not
         wake for them. Short connections end long before their RTO: without this the loop
@@ -594,21 +651,24 @@ class NetStack:
             if deadline is None:
                 st.deadline = math.inf
             else:
-                self._set_deadline(st, deadline)
+                self._set_deadline(st, deadline, now)
 
     def _retime(self) -> None:
         """After a batch of input: if it stopped the timer the loop sleeps until (an ACK
-        ends the loss probe a few ms after it was armed, the connection ended), move the
-        loop's wake-up later, to the next live deadline; else it would wake for nothing,
-        a scheduling pass per request/response connection."""
+        ends the loss probe a few ms after it was armed, the connection ended) or fired
+        it (`_fire_timers`), move the loop's wake-up later, to the next live deadline;
+        else it would wake for nothing, a scheduling pass per request/response
+        connection."""
         heap = self._timers
-        when, _, st = heap[0]
-        if when == st.queued and not st.finished:
-            deadline = st.deadline  # as _flush last saw get_timer()
-            if deadline <= when:
-                return  # the common case: the earliest entry is live
-        self._drop_stale_timers()
-        nxt = heap[0][0] if heap else math.inf
+        if not heap:
+            nxt = math.inf
+        else:
+            when, _, st = heap[0]
+            if when == st.queued and not st.finished and st.deadline <= when:
+                nxt = when  # the common case: the earliest entry is live
+            else:
+                self._drop_stale_timers(self._now())
+                nxt = heap[0][0] if heap else math.inf
         scope = self._timer_scope
         if nxt > self._timer_next and scope is not None:
             self._timer_next = nxt
@@ -622,21 +682,58 @@ class NetStack:
             self._writer_task = None
             trio.lowlevel.reschedule(task)
 
-    def _flush(self) -> None:
-        """Move the stack's pending output into the outbound channel without waiting.
+    def _flush(self, now: float) -> None:
+        """Move the dirty connections' output into the outbound channel without waiting
+        (the stack's own packets go through `_put`, by the reader and the writer).
 
         When the channel is full the rest goes to the backlog, which only the writer
         drains (awaiting room); while it is not empty nothing else is added, so packets
         stay in order and the backlog holds one connection's output at most; the other
         connections keep theirs in the core until then."""
-        if self._backlog:
+        backlog = self._backlog
+        if backlog:
             return
+        output = self._stack.output
+        send_nowait = self._outbound.send_nowait
+        try:
+            while self._dirty and not backlog:
+                dirty, self._dirty = self._dirty, {}
+                pending = iter(dirty)
+                for st in pending:
+                    conn = st.conn
+                    packets = output(conn, now)
+                    # Output arms timers (RTO, delayed ACK gone): move the deadline.
+                    if not st.finished:
+                        deadline = conn.tcp.get_timer()
+                        if deadline is None:
+                            deadline = math.inf
+                        if deadline != st.deadline:
+                            self._set_deadline(st, deadline, now)
+                    if not packets:
+                        continue
+                    i = 0
+                    try:
+                        for packet in packets:
+                            send_nowait(packet)
+                            i += 1
+                    except trio.WouldBlock:
+                        backlog.extend(packets[i:])
+                        for rest in pending:  # their turn comes after the backlog
+                            self._dirty[rest] = None
+                        break
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._outbound_gone()
+            return
+        if backlog:
+            self._kick()
+
+    def _put(self, packets: list[bytes]) -> None:
+        """Into the channel while it has room; then, in order, into the backlog. (For the
+        stack's own packets: connections' output waits in the core while the backlog is
+        not empty; see `_flush`.)"""
         backlog = self._backlog
         send_nowait = self._outbound.send_nowait
-        stack = self._stack
-
-        def put(packets: list[bytes]) -> None:
-            """Into the channel while it has room; then, in order, into the backlog."""
+        try:
             for packet in packets:
                 if backlog:
                     backlog.append(packet)
@@ -645,27 +742,6 @@ class NetStack:
                     send_nowait(packet)
                 except trio.WouldBlock:
                     backlog.append(packet)
-
-        try:
-            put(stack.take_output())
-            while self._dirty and not backlog:
-                dirty, self._dirty = self._dirty, {}
-                now = trio.current_time()
-                pending = iter(dirty)
-                for st in pending:
-                    packets = stack.output(st.conn, now)
-                    # Output arms timers (RTO, delayed ACK gone): move the deadline.
-                    if not st.finished:
-                        deadline = st.conn.tcp.get_timer()
-                        if deadline is None:
-                            deadline = math.inf
-                        if deadline != st.deadline:
-                            self._set_deadline(st, deadline)
-                    put(packets)
-                    if backlog:
-                        for rest in pending:  # their turn comes after the backlog
-                            self._dirty[rest] = None
-                        break
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._outbound_gone()
             return
@@ -680,10 +756,14 @@ class NetStack:
             self._nursery.cancel_scope.cancel()
 
     async def _writer(self) -> None:
-        """Flush output queued by application calls; drain the backlog, waiting for room
-        in the outbound channel (the only place the stack's output waits)."""
+        """Flush held output its woken task did not send, and big writes; drain the
+        backlog, waiting for room in the outbound channel (the only place the stack's
+        output waits)."""
         backlog = self._backlog
         outbound = self._outbound
+        due = self._due
+        clock = self._now
+        take_output = self._stack.take_output
         current_task = trio.lowlevel.current_task
         wait = trio.lowlevel.wait_task_rescheduled
 
@@ -691,31 +771,28 @@ class NetStack:
             self._writer_task = None
             return trio.lowlevel.Abort.SUCCEEDED
 
-        held = self._held
         try:
             while True:
-                if not backlog and not self._dirty and not held:
+                if not backlog and not self._dirty and not due:
                     self._writer_task = current_task()
                     await wait(abort)
                 while backlog:
                     await outbound.send(backlog[0])
                     backlog.popleft()
-                if held:
-                    # The readers woken with these connections' input run in the next
-                    # pass (or two, see _after): flush after them.
-                    # (Connections held meanwhile wait for the next round.)
-                    twice = self._hold_twice
-                    self._hold_twice = False
-                    taken = held.copy()
-                    held.clear()
-                    await cancel_shielded_checkpoint()
-                    if twice:
-                        await cancel_shielded_checkpoint()
-                    self._dirty.update(taken)
-                    for st in taken:
-                        st.held = False
-                self._flush()
-                if self._timer_scope is not None and self._timers:
+                if due:
+                    # Their woken tasks have run (they woke us as they resumed, so we run
+                    # a pass after them): what they did not send leaves now.
+                    dirty = self._dirty
+                    for st in due:
+                        if st.held:
+                            st.held = False
+                            dirty[st] = None
+                    due.clear()
+                packets = take_output()  # e.g. the RST of PendingConnection.refuse()
+                if packets:
+                    self._put(packets)
+                self._flush(clock())
+                if self._timer_scope is not None:
                     self._retime()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._outbound_gone()
@@ -724,7 +801,7 @@ class NetStack:
         while not st.established:
             if st.finished:
                 raise self._open_error(st)
-            await st.wait_reader()
+            await st.wait_reader(self)
 
     def _open_error(self, st: _State) -> OSError:
         ip, port = st.conn.remote
@@ -765,7 +842,7 @@ class NetStack:
         address). Cancelling it aborts the half-open connection.
         """
         self._require_running()
-        now = trio.current_time()
+        now = self._now()
         conn = self._stack.connect(ip, port, now, src_ip=src_ip)
         st = self._new_state(conn)
         rest: memoryview | None = None
@@ -778,13 +855,14 @@ class NetStack:
             taken = conn.tcp.send(view, now)  # SYN-SENT queues (RFC 9293 §3.10.2)
             if taken < len(view):
                 rest = view[taken:]
-        self._after(st)
+        self._after(st, now)
         try:
             await self._wait_established(st)
         except BaseException:
             if not st.finished:
-                conn.tcp.abort(trio.current_time())
-                self._after(st)
+                now = self._now()
+                conn.tcp.abort(now)
+                self._after(st, now)
             raise
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s: connected %s", self.vip, st.describe())
@@ -853,7 +931,8 @@ class PendingConnection:
             raise RuntimeError(f"SYN from {self.remote[0]}:{self.remote[1]} already decided")
         self._decided = True
         ns = self._ns
-        conn = ns._stack.accept_pending(self._pending.key, trio.current_time())
+        now = ns._now()
+        conn = ns._stack.accept_pending(self._pending.key, now)
         if conn is None:
             await checkpoint()
             raise trio.BrokenResourceError(
@@ -861,7 +940,7 @@ class PendingConnection:
                 f"{self.local[0]}:{self.local[1]} was accepted"
             )
         st = ns._new_state(conn)
-        ns._after(st)
+        ns._after(st, now)
         try:
             await ns._wait_established(st)
         except OSError as exc:
@@ -870,8 +949,9 @@ class PendingConnection:
             ) from exc
         except BaseException:
             if not st.finished:
-                conn.tcp.abort(trio.current_time())
-                ns._after(st)
+                now = ns._now()
+                conn.tcp.abort(now)
+                ns._after(st, now)
             raise
         return TCPStream(ns, st)
 
@@ -905,7 +985,7 @@ class TCPListener(trio.abc.Listener["TCPStream"]):
     def _on_established(self, st: _State) -> None:
         self._half_open -= 1
         if self._closed:
-            st.conn.tcp.abort(trio.current_time())
+            st.conn.tcp.abort(self._ns._now())
             return
         self._queue.append(st)
         self._lot.unpark()
@@ -931,11 +1011,11 @@ class TCPListener(trio.abc.Listener["TCPStream"]):
         if not self._closed:
             self._closed = True
             self._ns._close_listener(self)
-            now = trio.current_time()
+            now = self._ns._now()
             while self._queue:
                 st = self._queue.popleft()
                 st.conn.tcp.abort(now)
-                self._ns._after(st)
+                self._ns._after(st, now)
             self._lot.unpark_all()
         await checkpoint()
 
@@ -1009,18 +1089,21 @@ class TCPStream(trio.abc.HalfCloseableStream):
                 view = view.cast("B")
             tcp = st.conn.tcp
             ns = self._ns
+            clock = ns._now
+            # A big write (a relay's chunk) is flushed by the writer a pass later: the
+            # next chunk may join it first, so the end of this one fills a segment
+            # instead of leaving alone as a runt (autocorking).
+            how = _DEFER if total >= DEFER_WRITES_FROM else _SEND
             offset = 0
             while True:
+                now = clock()
                 try:
-                    taken = tcp.send(view[offset:] if offset else view, trio.current_time())
+                    taken = tcp.send(view[offset:] if offset else view, now)
                 except TCPStateError:
                     raise self._broken() from None
                 if taken:
                     offset += taken
-                    # A big write (a relay's chunk) is flushed by the writer a pass
-                    # later: the next chunk may join it first, so the end of this one
-                    # fills a segment instead of leaving alone as a runt (autocorking).
-                    ns._after(st, defer=total >= DEFER_WRITES_FROM)
+                    ns._after(st, now, how)
                     if offset >= total:
                         return
                 parked = True
@@ -1047,14 +1130,14 @@ class TCPStream(trio.abc.HalfCloseableStream):
         ):
             return False  # the awaited call waits, or raises the right error
         try:
-            now = trio.current_time()
+            now = self._ns._now()
             if data:
                 tcp.send(data, now)
             st.eof_sent = True
             tcp.shutdown_write(now)
         except TCPStateError:
             raise self._broken() from None
-        self._ns._after(st)
+        self._ns._after(st, now)
         return True
 
     def receive_now(self, max_bytes: int) -> bytes | None:
@@ -1067,10 +1150,12 @@ class TCPStream(trio.abc.HalfCloseableStream):
         if st.local_closed:
             raise trio.ClosedResourceError("this stream was closed")
         if not st.reset:
-            data = st.conn.tcp.read(max_bytes, trio.current_time())
+            ns = self._ns
+            now = ns._now()
+            data = st.conn.tcp.read(max_bytes, now)
             if data or st.eof:
                 if data and not st.finished:
-                    self._ns._after(st)
+                    ns._after(st, now, _READ)
                 return data
         if st.reset or st.finished:
             raise self._broken()
@@ -1089,14 +1174,14 @@ class TCPStream(trio.abc.HalfCloseableStream):
         ):
             await checkpoint_if_cancelled()
             try:
-                now = trio.current_time()
+                now = self._ns._now()
                 tcp.send(data, now)
                 st.eof_sent = True
                 tcp.shutdown_write(now)
             except TCPStateError:
                 await cancel_shielded_checkpoint()
                 raise self._broken() from None
-            self._ns._after(st)
+            self._ns._after(st, now)
             await cancel_shielded_checkpoint()
             return
         await self.send_all(data)
@@ -1129,11 +1214,12 @@ class TCPStream(trio.abc.HalfCloseableStream):
             if st.reset:
                 raise self._broken()
             st.eof_sent = True
+            now = self._ns._now()
             try:
-                st.conn.tcp.shutdown_write(trio.current_time())
+                st.conn.tcp.shutdown_write(now)
             except TCPStateError:
                 raise self._broken() from None
-            self._ns._after(st)
+            self._ns._after(st, now)
         finally:
             await cancel_shielded_checkpoint()  # after the work, as send_all
 
@@ -1154,23 +1240,25 @@ class TCPStream(trio.abc.HalfCloseableStream):
             # data costs one task switch rather than two, and cancellation loses nothing.
             await checkpoint_if_cancelled()
             tcp = st.conn.tcp
+            ns = self._ns
             parked = False
             while True:
                 if st.local_closed:
                     exc: Exception = trio.ClosedResourceError("this stream was closed")
                     break
                 if not st.reset:
-                    data = tcp.read(max_bytes, trio.current_time())
+                    now = ns._now()
+                    data = tcp.read(max_bytes, now)
                     if data or st.eof:
                         if data and not st.finished:
-                            self._ns._after(st)
+                            ns._after(st, now, _READ)
                         if not parked:
                             await cancel_shielded_checkpoint()
                         return data
                 if st.reset or st.finished:
                     exc = self._broken()
                     break
-                await st.wait_reader()
+                await st.wait_reader(self._ns)
                 parked = True
             if not parked:
                 await cancel_shielded_checkpoint()
@@ -1198,10 +1286,11 @@ class TCPStream(trio.abc.HalfCloseableStream):
             return
         st.local_closed = True
         if not st.finished:
-            now = trio.current_time()
+            now = self._ns._now()
             if abort:
                 st.conn.tcp.abort(now)
             else:
                 st.conn.tcp.close(now)
-            self._ns._after(st)
-        st.wake_all()
+            self._ns._after(st, now)
+        if st.reader is not None or st.writer is not None:
+            st.wake_all()  # another task's wait ends: ClosedResourceError
