@@ -499,3 +499,128 @@ async def test_data_plane_ends_when_the_manager_link_ends() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(run_dataplane, args, link)
             await in_send.aclose()   # EOF from the manager: run_dataplane returns, no error
+
+
+async def test_os_connect_is_bounded_and_names_the_address(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A target that never answers the SYN (a listener whose queue is full: Linux drops
+    the SYN) fails after OS_CONNECT_TIMEOUT with the address in the error; a refused one
+    fails at once, naming it too."""
+    from norouter_trio.agent import dataplane
+
+    monkeypatch.setattr(dataplane, "OS_CONNECT_TIMEOUT", 0.3)
+    with socket.socket() as lst:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(0)
+        port = lst.getsockname()[1]
+        queued: list[socket.socket] = []
+        try:
+            for _ in range(8):  # fill the accept queue; later SYNs are dropped
+                c = socket.socket()
+                c.setblocking(False)
+                with pytest.raises(BlockingIOError):
+                    c.connect(("127.0.0.1", port))
+                queued.append(c)
+            with trio.fail_after(5):
+                start = trio.current_time()
+                with pytest.raises(TimeoutError, match=f"127.0.0.1:{port}"):
+                    s = await dataplane.open_os_stream("127.0.0.1", port)
+                    await s.aclose()
+                assert trio.current_time() - start >= 0.25
+        finally:
+            for c in queued:
+                c.close()
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        refused_port = free.getsockname()[1]  # bound, not listening: refused
+        with trio.fail_after(5), pytest.raises(ConnectionRefusedError,
+                                               match=f"127.0.0.1:{refused_port}"):
+            await dataplane.open_os_stream("127.0.0.1", refused_port)
+
+
+async def _tcp_pair(listener: trio.SocketListener) -> tuple[trio.SocketStream, trio.SocketStream]:
+    port = listener.socket.getsockname()[1]
+    client = await trio.open_tcp_stream("127.0.0.1", port)
+    return client, await listener.accept()
+
+
+@asynccontextmanager
+async def os_and_stack_pairs() -> AsyncIterator[tuple[Any, Any, Any, Any]]:
+    """(os_far, os_near, stack_near, stack_far): two connected OS sockets and two
+    connected stack streams (two NetStacks wired back to back); join the near ones."""
+    from norouter_trio.tcp.netstack import NetStack
+
+    a_vip, b_vip = vips()
+    to_b_send, to_b_recv = trio.open_memory_channel[bytes](1024)
+    to_a_send, to_a_recv = trio.open_memory_channel[bytes](1024)
+    stack_a, stack_b = NetStack(a_vip, to_b_send), NetStack(b_vip, to_a_send)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(stack_a.run, to_a_recv)
+        await nursery.start(stack_b.run, to_b_recv)
+        listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+        async with listener:
+            os_far, os_near = await _tcp_pair(listener)
+        stack_listener = stack_b.listen(b_vip, 80)
+        stack_near = await stack_a.connect(b_vip, 80)
+        stack_far = await stack_listener.accept()
+        yield os_far, os_near, stack_near, stack_far
+        nursery.cancel_scope.cancel()
+
+
+async def test_join_cancelled_ends_both_directions_and_closes_cleanly() -> None:
+    """A cancelled join returns at once with neither direction left running, and closes
+    both streams with a FIN (cancellation is not an error of the peers)."""
+    async with os_and_stack_pairs() as (os_far, os_near, stack_near, stack_far), \
+            trio.open_nursery() as nursery:
+        done = trio.Event()
+        left_over: list[str] = []
+
+        async def run_join() -> None:
+            with trio.CancelScope() as scope:
+                nursery.start_soon(_cancel_soon, scope)
+                await join(os_near, stack_near)  # both idle: only the cancellation ends it
+            assert scope.cancelled_caught
+            # nothing of the join (its b->a direction) is left running
+            me = trio.lowlevel.current_task()
+            left_over.extend(t.name for t in nursery.child_tasks if t is not me)
+            done.set()
+
+        with trio.fail_after(TIMEOUT):
+            nursery.start_soon(run_join)
+            await done.wait()
+            assert left_over == []
+            assert await os_far.receive_some(10) == b""   # FIN, not a reset
+            assert await stack_far.receive_some(10) == b""
+        await os_far.aclose()
+
+
+async def _send_then_reset(stream: Any) -> None:
+    await stream.send_all(b"x")
+    await reset_and_close(stream)
+
+
+async def _cancel_soon(scope: trio.CancelScope) -> None:
+    await trio.sleep(0.05)
+    scope.cancel()
+
+
+@pytest.mark.parametrize("side", ["os", "stack"])
+async def test_join_passes_a_reset_on_while_the_other_direction_is_idle(side: str) -> None:
+    """One side resets right after sending a byte, while the other direction waits for
+    data that never comes: the other far end gets the reset (the byte may be lost with
+    it), and join reports the error. (Repeated: the reset meets the directions in
+    varying states.)"""
+    for _ in range(10):
+        async with os_and_stack_pairs() as (os_far, os_near, stack_near, stack_far):
+            resetting, other = (os_far, stack_far) if side == "os" else (stack_far, os_far)
+            with trio.fail_after(TIMEOUT):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_send_then_reset, resetting)
+                    result = await join(os_near, stack_near)
+                assert result.error is not None
+                assert result.error.startswith("a->b" if side == "os" else "b->a")
+                with pytest.raises(trio.BrokenResourceError):
+                    while await other.receive_some(10):
+                        pass
+            if side == "stack":
+                await os_far.aclose()

@@ -25,6 +25,9 @@ import errno
 import functools
 import ipaddress
 import logging
+import os
+import select
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -43,7 +46,7 @@ from norouter_trio.messages import ConfigureArgs, Forward
 
 if TYPE_CHECKING:
     from norouter_trio.agent.main import AgentLink
-    from norouter_trio.tcp.netstack import NetStack, PendingConnection
+    from norouter_trio.tcp.netstack import NetStack, PendingConnection, TCPStream
 
 log = logging.getLogger("norouter_trio.agent.dataplane")
 
@@ -113,21 +116,50 @@ async def open_os_stream(host: str, port: int) -> trio.SocketStream:
     """OS connection in bounded time. An IPv4 address is connected directly (half the CPU
     of `open_tcp_stream`, which counts at hundreds of new connections a second); a host
     name goes through `open_tcp_stream`, resolved in a thread by trio's getaddrinfo."""
+    if _is_ipv4(host):
+        return await _connect_ipv4(host, port)
+    with trio.CancelScope(deadline=trio.current_time() + OS_CONNECT_TIMEOUT) as scope:
+        stream = await trio.open_tcp_stream(host, port)
+        stream.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, True)
+        return stream
+    assert scope.cancelled_caught
+    raise TimeoutError(f"connect to {host}:{port} timed out after {OS_CONNECT_TIMEOUT:g}s")
+
+
+async def _connect_ipv4(host: str, port: int) -> trio.SocketStream:
+    """A non-blocking connect that waits in trio only when it must. A connect on this
+    machine (loopback, the usual forward target) has finished by the time connect()
+    returns EINPROGRESS: then there is no readiness wait (a scheduling pass and a task
+    step per connection), and no cancel scope for the deadline either."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        with trio.fail_after(OS_CONNECT_TIMEOUT):
-            if _is_ipv4(host):
-                sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
-                try:
-                    await sock.connect((host, port))
-                except BaseException:
-                    sock.close()
-                    raise
-                return trio.SocketStream(sock)  # sets TCP_NODELAY
-            stream = await trio.open_tcp_stream(host, port)
-    except trio.TooSlowError:
-        raise TimeoutError(f"connect to {host}:{port} timed out") from None
-    stream.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, True)
-    return stream
+        sock.setblocking(False)
+        try:
+            sock.connect((host, port))
+        except BlockingIOError:
+            if not _connect_done(sock):
+                with trio.CancelScope(
+                        deadline=trio.current_time() + OS_CONNECT_TIMEOUT) as scope:
+                    await trio.lowlevel.wait_writable(sock)
+                if scope.cancelled_caught:
+                    raise TimeoutError(f"connect to {host}:{port} timed out after "
+                                       f"{OS_CONNECT_TIMEOUT:g}s") from None
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, f"cannot connect to {host}:{port}: {os.strerror(err)}") \
+                    from None
+        return trio.SocketStream(trio.socket.from_stdlib_socket(sock))  # sets TCP_NODELAY
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _connect_done(sock: socket.socket) -> bool:
+    """True once a non-blocking connect has finished, well or not (writable, or an error
+    pending), without waiting: one poll() call."""
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    return bool(poller.poll(0))
 
 
 #: accept() errors that concern one client only (as trio's SocketListener skips them).
@@ -252,14 +284,17 @@ class DataPlane:
                       desc(), e)
             await trio.aclose_forcefully(sock)
             return
-        try:
-            with trio.fail_after(STACK_CONNECT_TIMEOUT):
+        stream: TCPStream | None = None
+        why: BaseException | None = None
+        # A bare scope rather than fail_after: no generator-based context manager.
+        with trio.CancelScope(deadline=trio.current_time() + STACK_CONNECT_TIMEOUT):
+            try:
                 stream = await self.stack.connect(ip, port, initial_data=first, nodelay=True)
-        except (OSError, *STREAM_ERRORS, trio.TooSlowError) as e:
-            why: BaseException = e
-            if isinstance(e, trio.TooSlowError):
-                why = TimeoutError(f"no answer from {ip}:{port} within {STACK_CONNECT_TIMEOUT}s")
-            self._refused("loopback", desc, why)
+            except (OSError, *STREAM_ERRORS) as e:
+                why = e
+        if stream is None:
+            self._refused("loopback", desc, why or TimeoutError(
+                f"no answer from {ip}:{port} within {STACK_CONNECT_TIMEOUT:g}s"))
             await reset_and_close(sock)
             return
         await self._joined("loopback", sock, stream, desc, sent=len(first))

@@ -134,7 +134,9 @@ async def pump(src: trio.abc.ReceiveStream, dst: trio.abc.SendStream, *,
 
 
 def _eof_peeker(sock: trio.socket.SocketType) -> Callable[[], bool]:
-    """True when the socket's next read would return EOF (peeks, never waits)."""
+    """True when the socket's next read would return EOF (peeks, never waits). A reset
+    raises its OSError here: the kernel reports it once, and the next read would then
+    return a plain EOF, passing the reset on as a clean end."""
     flags = socket.MSG_PEEK | socket.MSG_DONTWAIT
     inner: Any = getattr(sock, "_sock", None)  # trio's wrapped stdlib socket, if visible
     recv = getattr(inner, "recv", None)
@@ -144,7 +146,7 @@ def _eof_peeker(sock: trio.socket.SocketType) -> Callable[[], bool]:
             return False
         try:
             return not recv(1, flags)
-        except OSError:  # nothing yet (EAGAIN), or reset: the next read tells
+        except BlockingIOError:  # nothing more yet
             return False
 
     return at_eof
