@@ -646,7 +646,7 @@ async def test_timer_sleeps_until_a_live_deadline_only() -> None:
 
 async def test_the_ack_of_a_fin_waits_for_our_fin_then_goes_alone_if_none_comes() -> None:
     """A FIN received in ESTABLISHED is ACKed by our own FIN when the application closes
-    within `pushed_ack_delay` (longer than one held-output pass), else by a pure ACK."""
+    within `fin_ack_delay` (longer than one held-output pass), else by a pure ACK."""
     from_a: list[tuple[int, bytes]] = []
     sent = trio.Event()
 
@@ -654,7 +654,7 @@ async def test_the_ack_of_a_fin_waits_for_our_fin_then_goes_alone_if_none_comes(
         sent.set()
         return packet
 
-    cfg = TCPConfig(pushed_ack_delay=0.3)  # well above 20 scheduling passes, even loaded
+    cfg = TCPConfig(fin_ack_delay=0.3)  # well above 20 scheduling passes, even loaded
     with trio.fail_after(10):
         async with two_stacks(cfg, tap=[_segments_from(A, from_a), tap]) as (sa, sb, _):
             listener = sb.listen(B, 80)
@@ -671,7 +671,7 @@ async def test_the_ack_of_a_fin_waits_for_our_fin_then_goes_alone_if_none_comes(
             assert [(f & (_FIN | _ACK), p) for f, p in from_a[before:]] == [(_FIN | _ACK, b"")]
             await server.aclose()
     from_a.clear()
-    cfg = TCPConfig(pushed_ack_delay=0.02)
+    cfg = TCPConfig(fin_ack_delay=0.02)
     with trio.fail_after(10):
         async with two_stacks(cfg, tap=[_segments_from(A, from_a), tap]) as (sa, sb, _):
             listener = sb.listen(B, 80)

@@ -46,13 +46,13 @@ def pump(a: TCPConnection, b: TCPConnection, now: float) -> None:
 
 
 def pump_fin(a: TCPConnection, b: TCPConnection, now: float) -> float:
-    """`pump`, then let a FIN's ACK, held `pushed_ack_delay` for our own FIN, go out.
+    """`pump`, then let a FIN's ACK, held `fin_ack_delay` for our own FIN, go out.
 
     Returns the time at which everything went quiet."""
     pump(a, b, now)
     for c in (a, b):
         t = c.get_timer()
-        if t is not None and t <= now + c.config.pushed_ack_delay:
+        if t is not None and t <= now + c.config.fin_ack_delay:
             c.handle_timer(t)
             now = t
             pump(a, b, now)
@@ -236,9 +236,10 @@ def test_active_close_walks_fin_wait_and_time_wait_with_exact_deadline() -> None
     assert b.state is S.CLOSE_WAIT
     assert events(b) == [DataAvailable(), EOFReceived()]
     assert b.segments_to_send(1.0) == []  # the ACK waits a moment for B's own FIN
-    assert b.get_timer() == pytest.approx(1.002)
-    b.handle_timer(1.002)
-    (ack,) = b.segments_to_send(1.002)
+    fin_ack_at = 1.0 + b.config.fin_ack_delay
+    assert b.get_timer() == pytest.approx(fin_ack_at)
+    b.handle_timer(fin_ack_at)
+    (ack,) = b.segments_to_send(fin_ack_at)
     assert ack.flags == ACK and ack.ack == seg.seq + 4
     a.receive_segment(ack, 1.1)
     assert a.state is S.FIN_WAIT_2 and a.get_timer() is None
@@ -710,6 +711,8 @@ def test_pushed_ack_delay_zero_acks_at_once() -> None:
     assert ack.ack == b.rcv_nxt
     with pytest.raises(ValueError, match="pushed_ack_delay"):
         TCPConfig(pushed_ack_delay=0.6)
+    with pytest.raises(ValueError, match="fin_ack_delay"):
+        TCPConfig(fin_ack_delay=-1)
 
 
 def test_fin_ahead_of_a_gap_is_kept_and_applied_when_the_gap_fills() -> None:
@@ -871,35 +874,41 @@ def _response_with_fin(cfg_a: TCPConfig | None = None) -> tuple[TCPConnection, S
 
 def test_fin_ack_rides_on_our_fin_when_the_app_closes_within_the_delay() -> None:
     a, seg = _response_with_fin()
+    delay = a.config.fin_ack_delay
+    assert delay > a.config.pushed_ack_delay
     assert a.segments_to_send(1.0) == []  # held for our FIN
-    assert a.get_timer() == pytest.approx(1.002)
+    assert a.get_timer() == pytest.approx(1.0 + delay)
     assert a.read(100, 1.0005) == b"HTTP/1.0 200 OK\r\n\r\n"
-    assert a.segments_to_send(1.0005) == []  # reading does not flush it either
-    a.close(1.001)
-    (fin,) = a.segments_to_send(1.001)  # one segment: our FIN carrying the ACK
+    # Reading the pushed data neither flushes it nor shortens the wait to
+    # pushed_ack_delay: after the FIN nothing more can come that the ACK would unblock.
+    assert a.segments_to_send(1.0005) == []
+    assert a.get_timer() == pytest.approx(1.0 + delay)
+    a.close(1.01)
+    (fin,) = a.segments_to_send(1.01)  # one segment: our FIN carrying the ACK
     assert fin.flags == FIN | ACK and fin.ack == seg.seq + len(seg.payload) + 1
     assert a.state is S.LAST_ACK
     t = a.get_timer()
-    assert t is not None and t > 1.01  # the FIN's loss probe / RTO; no delayed ACK left
-    a.handle_timer(1.002)
-    assert a.segments_to_send(1.002) == []
+    assert t is not None and t > 1.0 + delay  # the FIN's loss probe / RTO; no delayed ACK
+    a.handle_timer(1.0 + delay)
+    assert a.segments_to_send(1.0 + delay) == []
 
 
 def test_fin_ack_goes_out_alone_at_the_deadline_when_the_app_does_not_close() -> None:
     a, seg = _response_with_fin()
+    deadline = 1.0 + a.config.fin_ack_delay
     assert a.segments_to_send(1.001) == []
-    a.handle_timer(1.0019)
-    assert a.segments_to_send(1.0019) == []
-    assert a.get_timer() == pytest.approx(1.002)
-    a.handle_timer(1.002)
-    (ack,) = a.segments_to_send(1.002)
+    a.handle_timer(deadline - 0.0001)
+    assert a.segments_to_send(deadline - 0.0001) == []
+    assert a.get_timer() == pytest.approx(deadline)
+    a.handle_timer(deadline)
+    (ack,) = a.segments_to_send(deadline)
     assert ack.flags == ACK and not ack.payload
     assert ack.ack == seg.seq + len(seg.payload) + 1
     assert a.get_timer() is None  # CLOSE-WAIT, nothing in flight: no timer left
 
 
-def test_fin_ack_is_sent_at_once_without_pushed_ack_delay_or_after_our_fin() -> None:
-    a, seg = _response_with_fin(TCPConfig(pushed_ack_delay=0.0))
+def test_fin_ack_is_sent_at_once_without_fin_ack_delay_or_after_our_fin() -> None:
+    a, seg = _response_with_fin(TCPConfig(fin_ack_delay=0.0))
     (ack,) = a.segments_to_send(1.0)
     assert ack.flags == ACK and ack.ack == seg.seq + len(seg.payload) + 1
     # Our FIN went first (FIN-WAIT): the peer's FIN is ACKed at once, as before.

@@ -25,9 +25,9 @@ Loss recovery (recovery.py): RTO per RFC 6298 with go-back-N after a timeout; Ne
 fast retransmit/recovery; SACK holes retransmitted one per duplicate ACK, again if data
 sent after them gets SACKed first; limited transmit and early retransmit for small
 windows. ACKs: every second segment, at once for out-of-order data, gap fills and window
-updates; within `pushed_ack_delay` (2 ms) when the application reads a pushed segment, or
-for a FIN that takes us to CLOSE-WAIT, so that an answer (our FIN) sent meanwhile carries
-the ACK; otherwise after `delayed_ack`.
+updates; within `pushed_ack_delay` (2 ms) when the application reads a pushed segment, and
+within `fin_ack_delay` (40 ms) for a FIN that takes us to CLOSE-WAIT, so that an answer
+(our reply, our FIN) sent meanwhile carries the ACK; otherwise after `delayed_ack`.
 
 Hot paths: an in-order ACK (with or without data or FIN) in any synchronized state skips
 the §3.10.7.4 checks that cannot apply to it; `segments_to_send` returns at once when no
@@ -178,6 +178,11 @@ class TCPConfig:
     # The ACK for a pushed segment the application has read waits at most this long for
     # the application's answer to carry it (0: sent at once).
     pushed_ack_delay: float = 0.002
+    # The ACK of a FIN that takes us to CLOSE-WAIT waits at most this long for our own
+    # FIN to carry it (0: sent at once). Linux, too, delays it a full delayed-ACK time
+    # ("pingpong" mode on FIN): the application usually answers EOF by closing, and the
+    # peer, already done sending, loses nothing by waiting.
+    fin_ack_delay: float = 0.04
     max_retries: int = 12  # data retransmissions before ConnectionClosed(timeout)
     syn_retries: int = 6  # SYN / SYN-ACK retransmissions before giving up
     window_scaling: bool = True  # RFC 7323 §2
@@ -191,10 +196,10 @@ class TCPConfig:
     def __post_init__(self) -> None:
         if not 64 <= self.mss <= DEFAULT_MSS:
             raise ValueError(f"TCPConfig.mss must be 64..{DEFAULT_MSS}, got {self.mss}")
-        if not 0 <= self.pushed_ack_delay <= 0.5:  # RFC 9293 §3.8.6.3: ACK delay < 0.5 s
-            raise ValueError(
-                f"TCPConfig.pushed_ack_delay must be 0..0.5 s, got {self.pushed_ack_delay}"
-            )
+        for name in ("pushed_ack_delay", "fin_ack_delay"):
+            value = getattr(self, name)
+            if not 0 <= value <= 0.5:  # RFC 9293 §3.8.6.3: an ACK is delayed < 0.5 s
+                raise ValueError(f"TCPConfig.{name} must be 0..0.5 s, got {value}")
         if self.send_buffer < 1 or self.recv_buffer < 1:
             raise ValueError("TCPConfig.send_buffer and recv_buffer must be positive")
         if self.recv_buffer > 65535 << _MAX_WSCALE:
@@ -510,10 +515,11 @@ class TCPConnection:
         # than at the delayed-ACK timer, so a sender held back by Nagle does not stall
         # (the same idea as Linux's ICSK_ACK_PUSHED). "Soon" is `pushed_ack_delay`: an
         # answer sent meanwhile carries the ACK, one segment instead of two for a
-        # request and its reply.
+        # request and its reply. (Not once the peer's FIN is in: it sends nothing more,
+        # so nothing can stall, and the ACK waits for our FIN; see `_rcv_fin`.)
         deadline = self._delack_deadline
         delay = 0.0
-        if self._pushed and not rbuf:
+        if self._pushed and not rbuf and not self._eof:
             delay = self.config.pushed_ack_delay
             if deadline is not None:
                 if delay <= 0:
@@ -1665,10 +1671,10 @@ class TCPConnection:
         self._ooo_fin = None
         self._ooo.clear()
         self._eof = True
-        delay = self.config.pushed_ack_delay
+        delay = self.config.fin_ack_delay
         if self.state is ESTABLISHED and not self._fin_queued and delay > 0:
             # Entering CLOSE-WAIT: the application usually answers EOF by closing, so
-            # the ACK waits (at most `pushed_ack_delay`) for our FIN to carry it: one
+            # the ACK waits (at most `fin_ack_delay`) for our FIN to carry it: one
             # segment instead of two (Linux, too, delays it: "pingpong" mode on FIN).
             deadline = self._delack_deadline
             if deadline is None or now + delay < deadline:
