@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
@@ -12,6 +13,7 @@ import trio.testing
 
 from norouter_trio.tcp.connection import TCPConfig
 from norouter_trio.tcp.netstack import NetStack, PendingConnection, TCPListener, TCPStream
+from norouter_trio.tcp.state import TCPState
 
 A, B = "127.0.42.101", "127.0.42.102"
 Tap = Callable[[bytes], "bytes | None"]  # the packet to pass on (maybe altered), or None
@@ -742,3 +744,51 @@ async def test_a_held_ack_leaves_without_a_timer_when_the_woken_task_sends_nothi
         await trio.testing.wait_all_tasks_blocked()
         assert trio.current_time() == 0  # no timer did any of it
         server.abort()
+
+
+async def test_time_wait_ends_due_together_are_fired_a_batch_per_slice(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """TIME-WAIT ends share a grid step, so many come due at once: they are fired at most
+    TIMER_BATCH per scheduling slice (one slice for all held every other connection up
+    for a millisecond or more), and every one of them still ends."""
+    from norouter_trio.tcp.netstack import TIME_WAIT_GRID, TIMER_BATCH
+
+    n = 3 * TIMER_BATCH + 5
+    async with two_stacks() as (sa, sb, _):
+        listener = sb.listen(B, 80)
+        for _ in range(n):
+            client, server = await _pair_on(sa, listener)
+            await server.send_last(b"bye")  # B closes first: B ends in TIME-WAIT
+            assert await client.receive_some() == b"bye"
+            assert await client.receive_some() == b""
+            client.close()
+            server.close()
+        await trio.testing.wait_all_tasks_blocked()
+        waiting = [c for c in sb.stack.connections.values()
+                   if c.tcp.state is TCPState.TIME_WAIT]
+        assert len(waiting) == n
+        assert len({c.owner.deadline for c in waiting}) == 1  # one grid step (frozen clock)
+
+        # Which task step forgot each connection: count them per step.
+        per_step: dict[int, int] = {}
+        step = [0]
+
+        class Steps(trio.abc.Instrument):
+            def before_task_step(self, task: trio.lowlevel.Task) -> None:
+                step[0] += 1
+
+        forget = sb.stack.forget
+
+        def counting_forget(conn: Any) -> None:
+            per_step[step[0]] = per_step.get(step[0], 0) + 1
+            forget(conn)
+
+        sb.stack.forget = counting_forget  # type: ignore[method-assign]
+        trio.lowlevel.add_instrument(Steps())
+        with trio.fail_after(5):
+            while sb.stack.connections:
+                await trio.sleep(TIME_WAIT_GRID)
+        assert sum(per_step.values()) == n
+        assert max(per_step.values()) <= TIMER_BATCH
+        assert len(per_step) >= 4

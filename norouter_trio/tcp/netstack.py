@@ -109,6 +109,11 @@ DEFAULT_RECEIVE_SIZE = 65536
 #: apart) gets the connection's state logged; see `NetStack._stall_watch`.
 STALL_REPORT_AFTER = 10.0
 READ_BATCH = 64  # inbound packets handled per scheduling slice
+#: Connection timers fired per scheduling slice. TIME-WAIT ends fall on a grid (see
+#: TIME_WAIT_GRID), so at hundreds of connections a second a hundred or more come due
+#: at once: in one slice (~12 us each) they held every other connection up for a
+#: millisecond or more, a latency spike every grid step.
+TIMER_BATCH = 32
 #: TIME-WAIT ends are rounded up to a multiple of this (seconds): one timer wake-up per
 #: step for every connection ending then (see `NetStack._set_deadline`).
 TIME_WAIT_GRID = 0.25
@@ -609,11 +614,14 @@ class NetStack:
         """Run the cores' timers due at `now` (the caller is batching, and flushes if this
         returns True: some fired). The timer task does, and the reader after a batch of
         input: under load a deadline often passes while the reader runs anyway, and the
-        timer task then need not wake (a task step, a cancel scope) for it."""
+        timer task then need not wake (a task step, a cancel scope) for it. At most
+        TIMER_BATCH fire per call: the rest stay due, and the timer task, whose wake-up
+        has passed, takes them in its next slice."""
         heap = self._timers
         heappop = heapq.heappop
         fired = False
-        while heap and heap[0][0] <= now:
+        left = TIMER_BATCH
+        while heap and heap[0][0] <= now and left:
             when, _, st = heappop(heap)
             if when != st.queued or st.finished:
                 continue  # superseded by an earlier entry, or the connection ended
@@ -627,6 +635,7 @@ class NetStack:
                 tcp.handle_timer(now)
                 self._after(st, now)
                 fired = True
+                left -= 1
             else:
                 self._set_deadline(st, deadline, now)  # moved later since queued
         return fired
