@@ -148,6 +148,11 @@ async def _connect_ipv4(host: str, port: int) -> trio.SocketStream:
             if err:
                 raise OSError(err, f"cannot connect to {host}:{port}: {os.strerror(err)}") \
                     from None
+        except OSError as e:  # refused or unreachable at once: name the address too
+            if e.errno is None:
+                raise
+            raise OSError(e.errno, f"cannot connect to {host}:{port}: {e.strerror}") \
+                from None
         return trio.SocketStream(trio.socket.from_stdlib_socket(sock))  # sets TCP_NODELAY
     except BaseException:
         sock.close()
