@@ -746,6 +746,48 @@ async def test_a_held_ack_leaves_without_a_timer_when_the_woken_task_sends_nothi
         server.abort()
 
 
+async def test_input_that_leaves_nothing_to_send_wakes_no_writer() -> None:
+    """A lone pushed segment wakes the reading task, but the core delays its ACK itself
+    (until the read, then at most pushed_ack_delay for an answer): nothing is held for
+    the writer, so it does not run. The ACK still leaves, at the core's deadline."""
+    from_b: list[tuple[int, bytes]] = []
+    b_sent = [trio.Event()]
+
+    def tap(packet: bytes) -> bytes:
+        b_sent[0].set()
+        return packet
+
+    cfg = TCPConfig(pushed_ack_delay=0.01)
+    with trio.fail_after(10):
+        async with two_stacks(cfg, tap=[_segments_from(B, from_b), tap]) as (sa, sb, _):
+            listener = sb.listen(B, 80)
+            client, server = await _pair_on(sa, listener)
+            await trio.testing.wait_all_tasks_blocked()
+            writer_steps = [0]
+
+            class Steps(trio.abc.Instrument):
+                def before_task_step(self, task: trio.lowlevel.Task) -> None:
+                    if task.name.endswith("._writer"):
+                        writer_steps[0] += 1
+
+            before = len(from_b)
+            steps = Steps()
+            trio.lowlevel.add_instrument(steps)
+            try:
+                await client.send_all(b"ping")
+                assert await server.receive_some() == b"ping"  # woken by it; no answer
+                await trio.testing.wait_all_tasks_blocked()
+            finally:
+                trio.lowlevel.remove_instrument(steps)
+            assert writer_steps[0] == 0
+            while len(from_b) == before:  # the ACK, at the delayed-ACK deadline
+                b_sent[0] = trio.Event()
+                await b_sent[0].wait()
+            assert [(f & (_FIN | _ACK), p) for f, p in from_b[before:]] == [(_ACK, b"")]
+            client.abort()
+            server.abort()
+
+
 async def test_time_wait_ends_due_together_are_fired_a_batch_per_slice(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -608,6 +608,21 @@ class TCPConnection:
             self._data_event_queued = False
         return ev
 
+    @property
+    def control_pending(self) -> bool:
+        """Whether `segments_to_send` would now send something other than new data: an
+        ACK, a SYN or SYN-ACK, a RST or probe already made, or a FIN not yet sent.
+        (Conservative: may say True when it would not; never False when it would.) An
+        owner holding output for the application's answer to carry holds only this."""
+        if self._quiet:
+            return False
+        return bool(
+            self._out
+            or self._ack_now
+            or self._syn_needed
+            or (self._fin_queued and self.snd_nxt == self._fin_seq)
+        )
+
     def get_timer(self) -> float | None:
         """Earliest deadline (RTO, persist, delayed ACK, TIME-WAIT or FIN-WAIT-2), or None."""
         # Unrolled (no tuple, no loop): the layer above asks after every segment.

@@ -528,8 +528,12 @@ class NetStack:
                 # instead of two. It sends it itself with that answer; else the writer,
                 # woken when the task resumes (wait_reader), does a pass later; never a
                 # timer. (Not when data is queued already, e.g. connect's initial_data:
-                # the ACK rides on that.)
-                st.held = True
+                # the ACK rides on that. Nor when the core has nothing to send now, e.g.
+                # it delays the ACK of a lone segment itself: no writer pass then.)
+                if tcp.control_pending:
+                    st.held = True
+                else:
+                    self._dirty[st] = None
             else:
                 self._dirty[st] = None
             return
