@@ -583,6 +583,30 @@ async def _pair_on(sa: NetStack, listener: TCPListener) -> tuple[TCPStream, TCPS
     return client, accepted[0]
 
 
+async def test_a_reply_carrying_the_delayed_ack_leaves_the_timer_no_stale_wakeup() -> None:
+    """Reading a pushed segment arms a short delayed ACK, and the timer task sleeps until
+    it; the reply carries the ACK, ending that deadline in an application call (no input
+    follows to retime it): the timer task must then sleep until the next live deadline,
+    not wake for nothing."""
+    cfg = TCPConfig(pushed_ack_delay=0.01)  # well before the reply's loss probe
+    with trio.fail_after(10):
+        async with two_stacks(cfg) as (sa, sb, _):
+            listener = sb.listen(B, 80)
+            client, server = await _pair_on(sa, listener)
+            await trio.testing.wait_all_tasks_blocked()
+            await client.send_all(b"ping")
+            assert await server.receive_some() == b"ping"
+            delayed_ack = sb._timer_next
+            assert delayed_ack <= trio.current_time() + 0.01
+            await server.send_all(b"pong")  # carries the ACK: that deadline is gone
+            live = [st.deadline for c in sb.stack.connections.values()
+                    if (st := c.owner) is not None and not st.finished]
+            assert min(live) > delayed_ack
+            assert sb._timer_next == min(live)
+            client.abort()
+            server.abort()
+
+
 async def test_receive_now_and_try_send_last_never_wait() -> None:
     """The relay's fast paths: what is there is taken at once, None / False when the
     awaited call would have to wait, and the FIN still rides on the last data."""

@@ -546,6 +546,11 @@ class NetStack:
             self._kick()
         else:
             self._flush(now)
+            if self._timer_scope is not None:
+                # The call may have ended the deadline the timer task sleeps until (a
+                # reply carries the ACK a delayed-ACK timer waited for): else it would
+                # wake for nothing, a scheduling pass per request/response connection.
+                self._retime()
 
     def _held_due(self, st: _State) -> None:
         """The task woken with `st`'s output held runs: have the writer send it after this
@@ -667,11 +672,11 @@ class NetStack:
                 self._set_deadline(st, deadline, now)
 
     def _retime(self) -> None:
-        """After a batch of input: if it stopped the timer the loop sleeps until (an ACK
-        ends the loss probe a few ms after it was armed, the connection ended) or fired
-        it (`_fire_timers`), move the loop's wake-up later, to the next live deadline;
-        else it would wake for nothing, a scheduling pass per request/response
-        connection."""
+        """After a batch of input or an application call: if it stopped the timer the
+        loop sleeps until (an ACK ends the loss probe a few ms after it was armed, a reply
+        carries the ACK a delayed-ACK timer waited for, the connection ended) or fired it
+        (`_fire_timers`), move the loop's wake-up later, to the next live deadline; else
+        it would wake for nothing, a scheduling pass per request/response connection."""
         heap = self._timers
         if not heap:
             nxt = math.inf
