@@ -812,6 +812,48 @@ async def test_input_that_leaves_nothing_to_send_wakes_no_writer() -> None:
             server.abort()
 
 
+async def test_the_peers_fin_after_ours_is_acked_without_a_writer_pass() -> None:
+    """Our FIN went first; the peer's FIN wakes our reader (EOF) and needs an ACK at once.
+    Nothing we could send can carry it any more, so it is not held for the woken task:
+    it leaves at once and the writer does not run."""
+    from_b: list[tuple[int, bytes]] = []
+    with trio.fail_after(10):
+        async with two_stacks(tap=[_segments_from(B, from_b)]) as (sa, sb, nursery):
+            listener = sb.listen(B, 80)
+            client, server = await _pair_on(sa, listener)
+            await server.send_last(b"answer")  # B closes first
+            assert await client.receive_some() == b"answer"
+            assert await client.receive_some() == b""
+            got_eof = trio.Event()
+
+            async def read_eof() -> None:
+                assert await server.receive_some() == b""  # parked until A's FIN
+                got_eof.set()
+
+            nursery.start_soon(read_eof)
+            await trio.testing.wait_all_tasks_blocked()
+            writer_steps = [0]
+
+            class Steps(trio.abc.Instrument):
+                def before_task_step(self, task: trio.lowlevel.Task) -> None:
+                    if task.name.endswith("._writer"):
+                        writer_steps[0] += 1
+
+            before = len(from_b)
+            steps = Steps()
+            trio.lowlevel.add_instrument(steps)
+            try:
+                await client.send_eof()
+                await got_eof.wait()
+                await trio.testing.wait_all_tasks_blocked()
+            finally:
+                trio.lowlevel.remove_instrument(steps)
+            assert [(f & (_FIN | _ACK), p) for f, p in from_b[before:]] == [(_ACK, b"")]
+            assert writer_steps[0] == 0
+            client.close()
+            server.close()
+
+
 async def test_time_wait_ends_due_together_are_fired_a_batch_per_slice(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

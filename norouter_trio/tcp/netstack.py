@@ -521,7 +521,7 @@ class NetStack:
                 self._dirty[st] = None
             elif st.held:
                 pass  # more input for a held connection: its output leaves with the rest
-            elif woke and not tcp.bytes_in_send_buffer:
+            elif woke and not st.eof_sent and not tcp.bytes_in_send_buffer:
                 # Input woke this connection's reader: hold its output (an ACK, mostly)
                 # until that task has run, so what it sends in answer (a request after
                 # connect, a reply, the FIN after EOF) carries the ACK: one segment
@@ -529,7 +529,8 @@ class NetStack:
                 # woken when the task resumes (wait_reader), does a pass later; never a
                 # timer. (Not when data is queued already, e.g. connect's initial_data:
                 # the ACK rides on that. Nor when the core has nothing to send now, e.g.
-                # it delays the ACK of a lone segment itself: no writer pass then.)
+                # it delays the ACK of a lone segment itself, or when our FIN is sent
+                # already, so nothing more can carry it: no writer pass then.)
                 if tcp.control_pending:
                     st.held = True
                 else:
