@@ -770,6 +770,17 @@ async def test_a_held_ack_leaves_without_a_timer_when_the_woken_task_sends_nothi
         server.abort()
 
 
+class _WriterSteps(trio.abc.Instrument):
+    """Counts the task steps of NetStack writers."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("._writer"):
+            self.count += 1
+
+
 async def test_input_that_leaves_nothing_to_send_wakes_no_writer() -> None:
     """A lone pushed segment wakes the reading task, but the core delays its ACK itself
     (until the read, then at most pushed_ack_delay for an answer): nothing is held for
@@ -787,15 +798,8 @@ async def test_input_that_leaves_nothing_to_send_wakes_no_writer() -> None:
             listener = sb.listen(B, 80)
             client, server = await _pair_on(sa, listener)
             await trio.testing.wait_all_tasks_blocked()
-            writer_steps = [0]
-
-            class Steps(trio.abc.Instrument):
-                def before_task_step(self, task: trio.lowlevel.Task) -> None:
-                    if task.name.endswith("._writer"):
-                        writer_steps[0] += 1
-
             before = len(from_b)
-            steps = Steps()
+            steps = _WriterSteps()
             trio.lowlevel.add_instrument(steps)
             try:
                 await client.send_all(b"ping")
@@ -803,7 +807,7 @@ async def test_input_that_leaves_nothing_to_send_wakes_no_writer() -> None:
                 await trio.testing.wait_all_tasks_blocked()
             finally:
                 trio.lowlevel.remove_instrument(steps)
-            assert writer_steps[0] == 0
+            assert steps.count == 0
             while len(from_b) == before:  # the ACK, at the delayed-ACK deadline
                 b_sent[0] = trio.Event()
                 await b_sent[0].wait()
@@ -832,15 +836,8 @@ async def test_the_peers_fin_after_ours_is_acked_without_a_writer_pass() -> None
 
             nursery.start_soon(read_eof)
             await trio.testing.wait_all_tasks_blocked()
-            writer_steps = [0]
-
-            class Steps(trio.abc.Instrument):
-                def before_task_step(self, task: trio.lowlevel.Task) -> None:
-                    if task.name.endswith("._writer"):
-                        writer_steps[0] += 1
-
             before = len(from_b)
-            steps = Steps()
+            steps = _WriterSteps()
             trio.lowlevel.add_instrument(steps)
             try:
                 await client.send_eof()
@@ -849,7 +846,7 @@ async def test_the_peers_fin_after_ours_is_acked_without_a_writer_pass() -> None
             finally:
                 trio.lowlevel.remove_instrument(steps)
             assert [(f & (_FIN | _ACK), p) for f, p in from_b[before:]] == [(_ACK, b"")]
-            assert writer_steps[0] == 0
+            assert steps.count == 0
             client.close()
             server.close()
 
