@@ -770,6 +770,45 @@ async def test_a_held_ack_leaves_without_a_timer_when_the_woken_task_sends_nothi
         server.abort()
 
 
+async def test_ended_connections_are_freed_without_the_cycle_collector(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A connection that ended leaves no reference cycle (its `Delivered` and the trio
+    layer's state pointed back at it): it is freed by reference counting at once, not
+    piled up for the cycle collector, whose passes then stalled every connection."""
+    import gc
+
+    from norouter_trio.tcp.connection import TCPConnection
+    from norouter_trio.tcp.stack import Conn
+
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        async with two_stacks() as (sa, sb, _):
+            listener = sb.listen(B, 80)
+            for _ in range(5):
+                client, server = await _pair_on(sa, listener)
+                await client.send_all(b"question")
+                assert await server.receive_some() == b"question"
+                await server.send_last(b"answer")
+                assert await client.receive_some() == b"answer"
+                assert await client.receive_some() == b""
+                client.close()
+                server.close()
+            await trio.testing.wait_all_tasks_blocked()
+            await trio.sleep(5)  # TIME-WAIT ends (autojump clock)
+            assert not sa.stack.connections and not sb.stack.connections
+            del client, server
+        gc.collect()
+        left = [o for o in gc.garbage if isinstance(o, (Conn, TCPConnection))]
+        assert left == []
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
 class _WriterSteps(trio.abc.Instrument):
     """Counts the task steps of NetStack writers."""
 
