@@ -145,6 +145,10 @@ def requests(addr: tuple[str, int], seconds: float) -> tuple[float, int]:
     return n / (time.perf_counter() - t0), n
 
 
+#: The last echo run through norouter, described by `echo_tail` (printed after the tables).
+ECHO_TAIL: list[str] = []
+
+
 def echo_rtt(addr: tuple[str, int], count: int) -> tuple[float, float]:
     """1-byte round trips on one connection; returns (p50, p99) in milliseconds."""
     with socket.create_connection(addr, timeout=10) as s:
@@ -157,8 +161,31 @@ def echo_rtt(addr: tuple[str, int], count: int) -> tuple[float, float]:
                 raise RuntimeError("echo: bad byte")
             if i >= 20:  # warm-up
                 samples.append((time.perf_counter() - t0) * 1e3)
+    ECHO_TAIL[:] = [echo_tail(samples)]
     samples.sort()
     return statistics.median(samples), samples[int(len(samples) * 0.99) - 1]
+
+
+def echo_tail(samples: list[float]) -> str:
+    """How the slow round trips (over twice the median) are spread, in the order they
+    ran: scattered ones point at the path's own work (a timer, a collector pass), long
+    runs of consecutive ones at the whole machine slowing down for a while."""
+    limit = 2 * statistics.median(samples)
+    runs: list[tuple[int, int]] = []  # (first index, length) of consecutive slow ones
+    first: int | None = None
+    for i, ms in enumerate([*samples, 0.0]):
+        if ms > limit:
+            if first is None:
+                first = i
+        elif first is not None:
+            runs.append((first, i - first))
+            first = None
+    in_long = {j for start, n in runs if n >= 3 for j in range(start, start + n)}
+    rest = sorted(ms for i, ms in enumerate(samples) if i not in in_long)
+    p99 = rest[int(len(rest) * 0.99) - 1] if rest else 0.0
+    return (f"{sum(n for _, n in runs)} of {len(samples)} round trips over {limit:.2f} ms "
+            f"(2x p50), in {len(runs)} runs (longest {max((n for _, n in runs), default=0)};"
+            f" {len(in_long)} in runs of 3 or more); p99 without those runs {p99:.3f} ms")
 
 
 # ---------------------------------------------------------------- processes
@@ -469,6 +496,8 @@ def main() -> int:
                    else "") for n in names))
         print("\nRSS MB: " + ", ".join(f"{n} {rest[n]:.1f} at rest / {w.peak[n]:.1f} peak"
                                        for n in names))
+        if ECHO_TAIL:
+            print(f"echo tail (via norouter): {ECHO_TAIL[0]}")
     finally:
         mgr.send_signal(signal.SIGINT)
         try:
