@@ -607,6 +607,19 @@ async def test_a_reply_carrying_the_delayed_ack_leaves_the_timer_no_stale_wakeup
             server.abort()
 
 
+async def _question_answer_closed(sa: NetStack, listener: TCPListener) -> None:
+    """One short connection: a question, the answer with the server's FIN (B closes
+    first, so B's end waits in TIME-WAIT), then both ends closed."""
+    client, server = await _pair_on(sa, listener)
+    await client.send_all(b"question")
+    assert await server.receive_some() == b"question"
+    await server.send_last(b"answer")
+    assert await client.receive_some() == b"answer"
+    assert await client.receive_some() == b""
+    client.close()
+    server.close()
+
+
 async def test_receive_now_and_try_send_last_never_wait() -> None:
     """The relay's fast paths: what is there is taken at once, None / False when the
     awaited call would have to wait, and the FIN still rides on the last data."""
@@ -650,14 +663,7 @@ async def test_timer_sleeps_until_a_live_deadline_only() -> None:
         async with two_stacks() as (sa, sb, _):
             listener = sb.listen(B, 80)
             for _ in range(3):
-                client, server = await _pair_on(sa, listener)
-                await client.send_all(b"question")
-                assert await server.receive_some() == b"question"
-                await server.send_last(b"answer")
-                assert await client.receive_some() == b"answer"
-                assert await client.receive_some() == b""
-                client.close()
-                server.close()
+                await _question_answer_closed(sa, listener)
             await trio.testing.wait_all_tasks_blocked()
             for ns in (sa, sb):
                 live = [c.owner for c in ns.stack.connections.values()]
@@ -788,18 +794,10 @@ async def test_ended_connections_are_freed_without_the_cycle_collector(
         async with two_stacks() as (sa, sb, _):
             listener = sb.listen(B, 80)
             for _ in range(5):
-                client, server = await _pair_on(sa, listener)
-                await client.send_all(b"question")
-                assert await server.receive_some() == b"question"
-                await server.send_last(b"answer")
-                assert await client.receive_some() == b"answer"
-                assert await client.receive_some() == b""
-                client.close()
-                server.close()
+                await _question_answer_closed(sa, listener)
             await trio.testing.wait_all_tasks_blocked()
             await trio.sleep(5)  # TIME-WAIT ends (autojump clock)
             assert not sa.stack.connections and not sb.stack.connections
-            del client, server
         gc.collect()
         left = [o for o in gc.garbage if isinstance(o, (Conn, TCPConnection))]
         assert left == []
